@@ -11,7 +11,8 @@ BENCHES = {}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    fmt = argparse.RawTextHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("which", choices=sorted(BENCHES), help="which benchmark to run")
     args = parser.parse_args()
     BENCHES[args.which]()
