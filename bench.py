@@ -1,13 +1,108 @@
 """Benchmarks: figures for the README, printed as `key=value` lines.
 
-    python bench.py lte      # forward-model spectra per second (issue 2)
-    python bench.py fit      # wall time and nfev per fit on the IRAS 16293-2422 B windows (issue 3)
-    python bench.py cube     # cube fitting throughput (issue 4)
+python bench.py lte      # forward-model spectra per second (issue 2)
+python bench.py fit      # wall time and nfev per fit on the IRAS 16293-2422 B windows (issue 3)
+python bench.py cube     # cube fitting throughput (issue 4)
 """
 
 import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+import lte
 
 BENCHES = {}
+SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+def _box_draws(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 5) physical parameters drawn uniformly in the unit cube of METHOD §3."""
+    u = np.random.default_rng(seed).uniform(size=(n, 5))
+    lo = np.array([-3.0, np.log10(3.0), 12.0, np.log10(0.3), -12.0])
+    hi = np.array([-0.001, 3.0, 20.0, np.log10(30.0), 12.0])
+    x = lo + u * (hi - lo)
+    return np.c_[10 ** x[:, 0], 10 ** x[:, 1], 10 ** x[:, 2], 10 ** x[:, 3], x[:, 4]]
+
+
+def _rate(fn, n_spectra: int, min_s: float = 1.0) -> float:
+    """Spectra per second of fn() (which makes n_spectra), repeated for at least min_s."""
+    fn()
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < min_s:
+        fn()
+        reps += 1
+    return reps * n_spectra / (time.perf_counter() - t0)
+
+
+def bench_lte() -> None:
+    """Forward-model spectra per second, one parameter set at a time and batched (issue 2)."""
+    rng = np.random.default_rng(1)
+    cases = []
+    spw = SHARED / "spectra" / "iras16293b" / "spw25.dat"
+    if spw.exists():
+        f = np.loadtxt(spw)[:, 0] * (1 + 2.7 / lte.C_KMS)
+        cases.append(("CH3OH_spw25", f, lte.load_molecule("CH3OH"), 1.0))
+    for n_chan, n_lines in [(1000, 100), (10000, 1000)]:
+        f = 230000.0 + 0.2 * np.arange(n_chan)  # 0.26 km/s channels
+        T = np.array([9.375, 37.5, 150.0, 300.0, 1000.0])
+        mol = lte.make_molecule(
+            f"synthetic{n_lines}",
+            rng.uniform(f[0], f[-1], n_lines),
+            10 ** rng.uniform(-6, -3, n_lines),
+            rng.integers(3, 100, n_lines),
+            rng.uniform(0, 300, n_lines),
+            T,
+            1.5 * np.log10(T),
+        )
+        cases.append((f"{n_chan}ch_{n_lines}lines", f, mol, 5.0))
+    for name, f, mol, fwhm in cases:
+        typical = np.array([[0.5, 150.0, 1e16, fwhm, 0.0]])
+        row = [f"case={name} n_chan={f.size} typical_fwhm_kms={fwhm}"]
+        row.append(f"single_per_s={_rate(lambda: lte.spectrum(f, mol, typical), 1):.0f}")
+        many = np.repeat(typical, 1000, axis=0)
+        row.append(f"typical_batch1000_per_s={_rate(lambda: lte.spectrum(f, mol, many), 1000):.0f}")
+        for batch in (1, 50, 1000):
+            P = _box_draws(batch)
+            row.append(
+                f"box_batch{batch}_per_s={_rate(lambda: lte.spectrum(f, mol, P), batch):.0f}"
+            )
+        print(" ".join(row), flush=True)
+
+
+BENCHES["lte"] = bench_lte
+
+
+def bench_fit() -> None:
+    """Wall time and nfev per CH3OH fit on the 10 IRAS 16293-2422 B windows, per method and
+    loss (issue 3); `ok` says whether the fit found the lines (|v_off| < 1, 0.5 < dv < 2 km/s)."""
+    import csv
+
+    import spectuner  # imported here: the other benchmarks need only lte
+
+    folder = SHARED / "spectra" / "iras16293b"
+    rows = list(csv.DictReader(open(folder / "windows.csv")))
+    windows = [
+        spectuner.read_spec(folder / f"spw{r['spw']}.dat", float(r["rms_K"]), float(r["T_bg_K"]))
+        for r in rows
+    ]
+    mol = lte.load_molecule("CH3OH", freq_range_MHz=(231000, 242000))
+    runs = [("random+slsqp", 50), ("random+slsqp", 1000), ("random+nelder-mead", 50), ("pso", 0)]
+    for loss in ("pm", "chi2"):
+        for method, n_init in runs:
+            res = spectuner.fit_spectrum(windows, [mol], method, loss, n_init, v_lsr_kms=2.7)
+            p = res["params"]["CH3OH"]
+            ok = abs(p["v_off"]) < 1 and 0.5 < p["delta_v"] < 2
+            print(
+                f"method={method} loss={loss} n_init={n_init} nfev={res['nfev']} "
+                f"time_s={res['time_s']:.2f} loss_value={res['loss']:.5g} "
+                f"v_off_kms={p['v_off']:.3f} delta_v_kms={p['delta_v']:.3f} ok={ok}",
+                flush=True,
+            )
+
+
+BENCHES["fit"] = bench_fit
 
 
 def main() -> None:

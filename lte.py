@@ -133,55 +133,66 @@ def _channel_edges(freq_MHz: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * freq_MHz[0] - mid[0]], mid, [2 * freq_MHz[-1] - mid[-1]]])
 
 
-def _plan(edges, sigma, tau_peak, k_per_sigma=4.0, n_sub_max=64):
+def _plan(s_chan, tau_peak, k_per_sigma=4.0, n_sub_max=64):
     """Sub-channels per channel for each row, and the half-window of sub-channels per line.
 
     A row needs fine sub-channels when its lines are narrow against the channel and not
     optically thin: the edges of a saturated line (where tau ~ 1) are steeper than the line,
     by sqrt(2 ln tau_peak), and must be resolved for the channel average (METHOD §2).
-    Returns n_sub (B,) and, per row, the half-window in sub-channels K (B,).
+    Args: s_chan, tau_peak (B, L): line sigma in channels, peak opacity.
+    Returns: n_sub (B,) powers of 2, K (B,) half-window in sub-channels.
     """
-    width = np.diff(edges).max()
     tmax = tau_peak.max(axis=-1)
     steep = np.sqrt(1.0 + 2.0 * np.log1p(tmax))
-    need = k_per_sigma * steep * width / sigma.min(axis=-1)
+    need = k_per_sigma * steep / s_chan.min(axis=-1)
     n_sub = np.where(tmax < 1e-3, 1, np.clip(np.ceil(need), 1, n_sub_max)).astype(int)
-    n_sub = 2 ** np.ceil(np.log2(n_sub)).astype(int)  # few distinct values -> few buckets
+    n_sub = 2 ** np.ceil(np.log2(n_sub)).astype(int)  # few distinct values -> few groups
     reach = np.minimum(np.sqrt(2.0 * np.log(np.maximum(tmax, 1.0) / 1e-6)), N_SIGMA_MAX)
-    K = np.ceil(reach * sigma.max(axis=-1) * n_sub / np.diff(edges).min()).astype(int) + 1
+    K = np.ceil(reach * s_chan.max(axis=-1) * n_sub).astype(int) + 1
     return n_sub, K
 
 
-def _average_channels(xp, erf_fn, edges, n_sub, K, mu, sigma, tau_int, amp):
+def _average_channels(xp, erf_fn, C, n_sub, K, x, s, tau_chan, amp):
     """Channel averages of amp * (1 - exp(-tau)) with tau on n_sub sub-channels per channel.
 
-    Each line's opacity on a sub-channel is its exact average there (erf differences), added
-    sparsely: a line only touches the 2K+1 sub-channels around its centre (METHOD §2, Cost).
-    Args: edges (C+1,) ascending; mu, sigma, tau_int (b, L) [MHz]; amp (b, C) [K].
+    Works in channel-index units (channel i spans [i, i+1)). Each line's opacity on a
+    sub-channel is its exact mean there (erf differences), added sparsely: a line touches only
+    the 2K+1 sub-channels around its centre (METHOD §2, Cost).
+    Args: C channels; x, s (b, L) line centre and sigma [channels]; tau_chan (b, L) integrated
+        opacity [channels]; amp (b, C) [K].
     Returns: (b, C) [K].
     """
-    C = len(edges) - 1
-    frac = np.arange(n_sub) / n_sub
-    fine = np.concatenate([(edges[:-1, None] + np.diff(edges)[:, None] * frac).ravel(), edges[-1:]])
-    F = len(fine) - 1
-    fine_x = fine if xp is np else xp.as_tensor(fine, dtype=mu.dtype, device=mu.device)
-    b, L = mu.shape
-    j0 = xp.searchsorted(fine_x, mu.detach() if xp is not np else mu) - 1  # (b, L)
-    offsets = xp.arange(-K, K + 2) if xp is np else xp.arange(-K, K + 2, device=mu.device)
-    idx = xp.clip(j0[..., None] + offsets, 0, F)  # (b, L, W+1)
-    z = (fine_x[idx] - mu[..., None]) / (math.sqrt(2.0) * sigma[..., None])
-    mass = 0.5 * (erf_fn(z[..., 1:]) - erf_fn(z[..., :-1]))  # (b, L, W) unit-area fraction
-    width = fine_x[1:] - fine_x[:-1]  # (F,)
-    bins = xp.clip(idx[..., :-1], 0, F - 1)  # out-of-range bins carry zero mass
-    tau_bin = tau_int[..., None] * mass / width[bins]  # mean opacity on each sub-channel
-    rows = (np.arange(b) if xp is np else xp.arange(b, device=mu.device))[:, None, None] * F
-    flat = (rows + bins).reshape(-1)
+    b, L = x.shape
+    pad = 2 * K + 1  # sub-channels of padding at each end: clipped centres land there
+    Fp = n_sub * C + 2 * pad
+    j0 = xp.floor(x.detach() * n_sub if xp is not np else x * n_sub)  # (b, L) centre sub-channel
+    j0 = xp.clip(j0, -K - 1, n_sub * C + K)  # a line further out touches no channel
+    k = xp.arange(-K, K + 2) if xp is np else xp.arange(-K, K + 2, device=x.device, dtype=x.dtype)
+    scale = 1.0 / (math.sqrt(2.0) * s)  # (b, L)
+    dz = (scale / n_sub)[..., None]  # sub-channel width in z = (nu - mu) / (sqrt(2) sigma)
+    z0 = ((j0 - x * n_sub) / n_sub * scale)[..., None]  # (b, L, 1)
+    if float(s.min()) * n_sub >= 2.0:  # sub-channel <= sigma/2: Simpson is exact to ~1e-5
+        half = (
+            xp.arange(-2 * K, 2 * K + 3)
+            if xp is np
+            else xp.arange(-2 * K, 2 * K + 3, device=x.device, dtype=x.dtype)
+        )
+        g = xp.exp(-((z0 + 0.5 * half * dz) ** 2))  # (b, L, 2W+1) at edges and mid-points
+        mass = dz / (6.0 * math.sqrt(math.pi)) * (g[..., :-1:2] + 4.0 * g[..., 1::2] + g[..., 2::2])
+    else:  # narrow lines: exact unit-area fraction from erf differences
+        z = z0 + k * dz  # (b, L, W+1) sub-channel edges
+        mass = 0.5 * (erf_fn(z[..., 1:]) - erf_fn(z[..., :-1]))  # (b, L, W)
+    tau_bin = (tau_chan * n_sub)[..., None] * mass  # mean opacity on each sub-channel
+    j0i = j0.astype(np.int64) if xp is np else j0.long()
+    rows = (np.arange(b) if xp is np else xp.arange(b, device=x.device))[:, None] * Fp
+    first = (rows + j0i + pad - K)[..., None]  # (b, L, 1) first sub-channel of each window
+    flat = first + (np.arange(2 * K + 1) if xp is np else xp.arange(2 * K + 1, device=x.device))
     if xp is np:
-        tau = np.bincount(flat, weights=tau_bin.reshape(-1), minlength=b * F).reshape(b, F)
+        tau = np.bincount(flat.ravel(), weights=tau_bin.ravel(), minlength=b * Fp)
     else:
-        tau = xp.zeros(b * F, dtype=mu.dtype, device=mu.device)
-        tau = tau.index_add(0, flat, tau_bin.reshape(-1))
-        tau = tau.reshape(b, F)
+        tau = xp.zeros(b * Fp, dtype=x.dtype, device=x.device)
+        tau = tau.index_add(0, flat.reshape(-1), tau_bin.reshape(-1))
+    tau = tau.reshape(b, Fp)[:, pad : pad + n_sub * C]  # (b, n_sub C)
     absorbed = -xp.expm1(-tau).reshape(b, C, n_sub).mean(-1)  # (b, C)
     return amp * absorbed
 
@@ -242,19 +253,24 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
         sigma = fwhm / FWHM_PER_SIGMA * (nu / C_KMS) * (1.0 - v_off / C_KMS)  # (B, L) [MHz]
         dJ = planck_J_K(xp, as_x(f), T_ex) - as_x(planck_J_K(np, f, T_CMB_K) * cmb)  # (B, C)
         amp = eta * (dJ - as_x(np.broadcast_to(np.asarray(T_bg_K, dtype=float), f.shape)))
-        sig_np, tau_np = (
-            np.asarray(a.detach().cpu()) if xp is not np else a for a in (sigma, tau_int)
+        widths = np.diff(edges)
+        e_x, w_x = as_x(edges - f0), as_x(widths)
+        i = xp.clip(xp.searchsorted(e_x, mu.detach() if xp is not np else mu) - 1, 0, C - 1)
+        x = i + (mu - e_x[i]) / w_x[i]  # (B, L) centre in channel-index units
+        s_chan, tau_chan = sigma / w_x[i], tau_int / w_x[i]  # sigma and integrated tau [channels]
+        s_np, t_np = (
+            np.asarray(a.detach().cpu()) if xp is not np else a for a in (s_chan, tau_chan)
         )
-        n_sub, K = _plan(edges, sig_np, tau_np / (math.sqrt(2 * math.pi) * sig_np))
-        for n in np.unique(n_sub):
-            rows = np.flatnonzero(n_sub == n)
-            step = max(1, int(4e6 // (C * n + 2 * (K[rows].max() + 1) * len(lines.freq_MHz))))
+        n_sub, K = _plan(s_np, t_np / (math.sqrt(2 * math.pi) * s_np))
+        group = n_sub * 4096 + 2 ** np.ceil(np.log2(K)).astype(int)  # similar n_sub and K
+        for g in np.unique(group):
+            rows = np.flatnonzero(group == g)
+            n = int(n_sub[rows[0]])
+            step = max(1, int(3e5 // (C * n + 4 * (K[rows].max() + 1) * len(lines.freq_MHz))))
             for s in range(0, len(rows), step):
                 r = rows[s : s + step] if xp is np else xp.as_tensor(rows[s : s + step])
                 kr = int(K[np.asarray(r)].max())
-                val = _average_channels(
-                    xp, erf_fn, edges - f0, int(n), kr, mu[r], sigma[r], tau_int[r], amp[r]
-                )
+                val = _average_channels(xp, erf_fn, C, n, kr, x[r], s_chan[r], tau_chan[r], amp[r])
                 if xp is np:
                     out[r] = val
                 else:
@@ -623,7 +639,7 @@ def fetch(name_or_tag: str, cache=CACHE_DIR, cdms_url=CDMS_URL, jpl_url=JPL_URL,
                 else _unknown(text, [n for n, _, _ in tables.values()], "CDMS/JPL tables")
             )
         tag = hits[0]
-    is_cdms = (tag // 100) % 10 == 5  # CDMS tags have 5 in the third digit from the right's left
+    is_cdms = (tag // 100) % 10 == 5  # CDMS tags are xx5xx, JPL tags xx0xx
     base = cdms_url if is_cdms else jpl_url
     url = f"{base.rstrip('/')}/c{tag:06d}.cat"
 
@@ -638,7 +654,7 @@ def fetch(name_or_tag: str, cache=CACHE_DIR, cdms_url=CDMS_URL, jpl_url=JPL_URL,
 
     body = get(url)
     if is_cdms:
-        T, q = tables[tag][1], tables[tag][2] if tag in tables else (None, None)
+        T, q = (tables[tag][1], tables[tag][2]) if tag in tables else (None, None)
     else:
         tmp = Path(cache) / "jpl_catdir.cat"
         Path(cache).mkdir(parents=True, exist_ok=True)
