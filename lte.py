@@ -171,7 +171,9 @@ def _average_channels(xp, erf_fn, C, n_sub, K, x, s, tau_chan, amp):
     scale = 1.0 / (math.sqrt(2.0) * s)  # (b, L)
     dz = (scale / n_sub)[..., None]  # sub-channel width in z = (nu - mu) / (sqrt(2) sigma)
     z0 = ((j0 - x * n_sub) / n_sub * scale)[..., None]  # (b, L, 1)
-    if float(s.min()) * n_sub >= 2.0:  # sub-channel <= sigma/2: Simpson is exact to ~1e-5
+    if (
+        float(s.min() if xp is np else s.detach().min()) * n_sub >= 2.0
+    ):  # sub-channel <= sigma/2: Simpson is exact to ~1e-5
         half = (
             xp.arange(-2 * K, 2 * K + 3)
             if xp is np
@@ -356,7 +358,8 @@ def read_partition_tables(path) -> dict:
         {tag: (name, T_K (n,), log10_Q (n,))}; T_K empty where the file has names only.
     """
     path = Path(path)
-    text = _open_text(path).read().splitlines()
+    with _open_text(path) as fh:
+        text = fh.read().splitlines()
     out = {}
     if text and text[0].lstrip().startswith("|"):  # pipe tables (astroquery's CDMS files)
         head = [h.strip() for h in text[0].strip().strip("|").split("|")]
@@ -392,7 +395,8 @@ def read_q_file(path) -> tuple:
         (T_K (n,), log10_Q (n,)) sorted by temperature.
     """
     path = Path(path)
-    lines = _open_text(path).read().splitlines()
+    with _open_text(path) as fh:
+        lines = fh.read().splitlines()
     is_log = any(line.lstrip().startswith("#") and "log" in line.lower() for line in lines)
     try:
         data = np.loadtxt(lines, comments="#", ndmin=2)[:, :2]

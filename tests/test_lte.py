@@ -258,6 +258,7 @@ def local_server(tmp_path):
     thread.start()
     yield root, f"http://127.0.0.1:{httpd.server_address[1]}/"
     httpd.shutdown()
+    httpd.server_close()
 
 
 def test_fetch_downloads_and_name_resolves(local_server, tmp_path, monkeypatch):
