@@ -552,14 +552,15 @@ def _folder_entries(folder: Path) -> list:
 
 
 def _from_folder(name: str, folder: Path) -> Molecule:
-    """The entry called `name` in a catalogue folder; several matches: the one with most lines."""
+    """The entry called `name` in a catalogue folder; several: a full entry before a subset, then
+    the largest file."""
     entries = _folder_entries(folder)
     hits = [e for e in entries if name in e[0]] or [
         e for e in entries if name.lower() in {n.lower() for n in e[0]}
     ]
     if not hits:
         raise ValueError(_unknown(name, {n for e in entries for n in e[0]}, folder))
-    names, path, tag = max(hits, key=lambda e: (e[1].stat().st_size, str(e[1])))
+    names, path, tag = max(hits, key=lambda e: ("subset" not in e[1].name, e[1].stat().st_size))
     T, q = _q_for_cat(
         path,
         tag,

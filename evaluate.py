@@ -1,0 +1,253 @@
+"""Reproduce the paper's evaluation (METHOD §8): mean relative loss against forward-model runs.
+
+For each spectrum every method fits the same molecule; L_ref is the best loss any run found,
+including a particle swarm with several restarts, and a fit's relative loss is
+(L - L_ref) / |L_ref|. Groups: synthetic spectra of molecules the network was trained on,
+synthetic spectra of held-out molecules (true parameters known), and the real IRAS 16293-2422 B
+windows.
+
+    python evaluate.py --n_spectra 200 --out runs/eval            # the full comparison
+    python evaluate.py --n_spectra 5 --groups trained --methods random+slsqp,pso --out /tmp/e
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+import lte
+import spectuner
+
+SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+@dataclasses.dataclass
+class Config:
+    out: str = "runs/eval"  # output folder: results.csv, summary.csv, summary.json, figure.png
+    n_spectra: int = 200  # synthetic spectra per group
+    groups: str = "trained,heldout,real"  # comma list of trained, heldout, real
+    trained: str = "CH3OH,CH3CN,CH3CHO,HCCCN"  # molecules of the training set (synthetic group)
+    heldout: str = "CH3OCHO,CH3OCH3,C2H3CN"  # molecules never seen in training
+    real_mols: str = "CH3OH,SO2,OCS,HC3N"  # molecules fitted on the real windows
+    catalog: str = str(SHARED / "catalogs")  # where names other than the bundled CH3OH resolve
+    methods: str = "nn,nn+slsqp,nn+nelder-mead,random+slsqp,random+nelder-mead,pso"
+    nn_n_init: str = "10,25,50,100"  # N_init values for the network-only method
+    n_init: int = 50  # N_init of every other method
+    ref_restarts: int = 3  # particle-swarm restarts of the reference optimum
+    loss: str = "pm"  # pm or chi2
+    policy: str = "data/policy.pt"  # trained policy for the nn methods
+    window_MHz: float = 250.0  # width of a synthetic window
+    snr_range: str = "10:100"  # peak signal-to-noise of the synthetic spectra, drawn log-uniform
+    confusion: int = 1  # other molecules added to each synthetic spectrum (line confusion)
+    workers: int = 1  # processes; the result does not depend on it
+    seed: int = 0  # every draw derives from it
+
+
+# --- spectra ---
+
+
+def strongest_lines(mol, n: int = 10, T_K: float = 150.0) -> np.ndarray:
+    """Frequencies of the n strongest lines by the optically thin LTE proxy at T_K."""
+    proxy = mol.A_s * mol.g_u * np.exp(-mol.E_up_K / T_K) / mol.freq_MHz**2
+    return mol.freq_MHz[np.argsort(proxy)[::-1][:n]]
+
+
+def draw_params(rng) -> np.ndarray:
+    """One parameter set uniform in the default box of METHOD §3 (physical units)."""
+    b = spectuner.DEFAULT_BOUNDS
+    logu = [rng.uniform(np.log10(b[k][0]), np.log10(b[k][1])) for k in spectuner.PARAM_NAMES[:4]]
+    return np.array([*(10.0**x for x in logu), rng.uniform(*b["v_off"])])
+
+
+def synthetic_case(mol, others, rng, cfg) -> dict:
+    """A synthetic window around one of the molecule's strong lines, with noise and confusion."""
+    centre = rng.choice(strongest_lines(mol))
+    dv_kms = rng.uniform(0.2, 1.0)
+    dnu = centre * dv_kms / lte.C_KMS
+    freq = centre + dnu * (np.arange(int(cfg.window_MHz / dnu)) - cfg.window_MHz / dnu / 2)
+    for _ in range(50):  # draw until the target shows lines (a fit needs something to fit)
+        truth = draw_params(rng)
+        T = lte.spectrum(freq, mol, truth[None])[0]
+        if T.max() > 0.01:
+            break
+    snr_lo, snr_hi = (float(x) for x in cfg.snr_range.split(":"))
+    rms = T.max() / 10 ** rng.uniform(np.log10(snr_lo), np.log10(snr_hi))
+    for other in rng.choice(len(others), size=min(cfg.confusion, len(others)), replace=False):
+        T = T + lte.spectrum(freq, others[other], draw_params(rng)[None])[0]
+    T = T + rng.normal(0.0, rms, freq.size)
+    return dict(windows=[spectuner.Window(freq, T, rms)], mol=mol, truth=truth, v_lsr=0.0)
+
+
+def real_cases(cfg) -> list[dict]:
+    """The IRAS 16293-2422 B windows, one case per molecule with lines in them."""
+    folder = SHARED / "spectra" / "iras16293b"
+    if not folder.is_dir():
+        print(f"skip=real reason='{folder} is absent'")
+        return []
+    meta = np.genfromtxt(folder / "windows.csv", delimiter=",", names=True)
+    windows = []
+    for row in meta:
+        d = np.loadtxt(folder / f"spw{int(row['spw'])}.dat")
+        windows.append(spectuner.Window(d[:, 0], d[:, 1], row["rms_K"], row["T_bg_K"], 0.486))
+    cases = []
+    for name in cfg.real_mols.split(","):
+        mol = load(name, cfg)
+        cases.append(dict(windows=windows, mol=mol, truth=None, v_lsr=2.7))
+    return cases
+
+
+def load(name: str, cfg):
+    """The bundled entry for CH3OH, else the catalogue folder's."""
+    return lte.load_molecule(name) if name == "CH3OH" else lte.load_molecule(name, cfg.catalog)
+
+
+# --- fitting ---
+
+
+def run_case(args) -> list[dict]:
+    """Every method on one case (a worker task); rows of results."""
+    group, index, case, cfg = args
+    runs = [(m, cfg.n_init) for m in cfg.methods.split(",") if m != "nn"]
+    if "nn" in cfg.methods.split(","):
+        runs += [("nn", int(n)) for n in cfg.nn_n_init.split(",")]
+    runs.append(("reference", cfg.n_init))
+    rows = []
+    for method, n_init in runs:
+        kw = dict(method="pso", pso_restarts=cfg.ref_restarts) if method == "reference" else {}
+        seed = cfg.seed * 1_000_003 + index
+        try:
+            r = spectuner.fit_spectrum(
+                case["windows"], [case["mol"]], **{"method": method, **kw}, loss=cfg.loss,
+                n_init=n_init, seed=seed, v_lsr_kms=case["v_lsr"], policy=cfg.policy,
+            )  # fmt: skip
+        except ValueError as err:  # e.g. no policy: the method is reported as missing
+            rows.append(dict(group=group, case=index, method=method, n_init=n_init, error=str(err)))
+            continue
+        row = dict(group=group, case=index, molecule=case["mol"].name, method=method,
+                   n_init=n_init, loss=r["loss"], nfev=r["nfev"], time_s=r["time_s"])  # fmt: skip
+        if case["truth"] is not None:
+            fit = [r["params"][case["mol"].name][p] for p in spectuner.PARAM_NAMES]
+            for name, t, f in zip(spectuner.PARAM_NAMES, case["truth"], fit):
+                row[f"err_{name}"] = np.log10(f / t) if name != "v_off" else f - t
+        rows.append(row)
+    ok = [r for r in rows if "loss" in r]
+    L_ref = min(r["loss"] for r in ok)
+    for r in ok:
+        r["rel_loss"] = (r["loss"] - L_ref) / max(abs(L_ref), 1e-12)
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean relative loss (with standard error) and mean nfev per group, method and N_init."""
+    keys = sorted({(r["group"], r["method"], r["n_init"]) for r in rows if "rel_loss" in r})
+    out = []
+    for g, m, n in keys:
+        sel = [r for r in rows if (r["group"], r["method"], r["n_init"]) == (g, m, n)]
+        rel = np.array([r["rel_loss"] for r in sel if "rel_loss" in r])
+        nfev = np.array([r["nfev"] for r in sel if "nfev" in r])
+        out.append(
+            dict(
+                group=g,
+                method=m,
+                n_init=n,
+                n=rel.size,
+                rel_loss_mean=rel.mean(),
+                rel_loss_sem=rel.std(ddof=1) / np.sqrt(rel.size) if rel.size > 1 else 0.0,
+                rel_loss_median=float(np.median(rel)),
+                nfev_mean=nfev.mean(),
+                time_s_mean=np.mean([r["time_s"] for r in sel if "time_s" in r]),
+            )
+        )
+    # fmt: skip
+    return out
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    """Relative loss against nfev, log x, one panel per group (matplotlib, if installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot=skipped reason='matplotlib is not installed'")
+        return
+    groups = sorted({s["group"] for s in summary})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for s in (s for s in summary if s["group"] == g and s["method"] != "reference"):
+            label = f"{s['method']} ({s['n_init']})" if s["method"] == "nn" else s["method"]
+            ax.errorbar(s["nfev_mean"], s["rel_loss_mean"], yerr=s["rel_loss_sem"], fmt="o",
+                        capsize=3, label=label)  # fmt: skip
+        ax.set(xscale="log", xlabel="mean forward-model runs per fit",
+               ylabel="mean relative loss", title=g)  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_config(argv=None) -> Config:
+    """Config from the command line (--field value for each dataclass field)."""
+    fmt = argparse.RawTextHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    for f in dataclasses.fields(Config):
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(cfg: Config) -> list[dict]:
+    # --- data ---
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tasks = []
+    groups = cfg.groups.split(",")
+    trained = [load(n, cfg) for n in cfg.trained.split(",")]
+    for group in ("trained", "heldout"):
+        if group not in groups:
+            continue
+        pool = trained if group == "trained" else [load(n, cfg) for n in cfg.heldout.split(",")]
+        for i in range(cfg.n_spectra):
+            mol = pool[i % len(pool)]
+            others = [m for m in trained if m.name != mol.name]
+            tasks.append((group, i, synthetic_case(mol, others, rng, cfg), cfg))
+    if "real" in groups:
+        tasks += [("real", i, case, cfg) for i, case in enumerate(real_cases(cfg))]
+    # --- fits ---
+    t0, rows = time.perf_counter(), []
+    pool = Pool(cfg.workers) if cfg.workers > 1 else None
+    try:
+        results = pool.imap(run_case, tasks) if pool else map(run_case, tasks)
+        for k, case_rows in enumerate(results):
+            rows += case_rows
+            print(f"done={k + 1}/{len(tasks)} elapsed_s={time.perf_counter() - t0:.0f}", flush=True)
+    finally:
+        if pool:
+            pool.close()
+    # --- save ---
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarise(rows)
+    with open(out / "summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    for s in summary:
+        print(
+            " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items())
+        )
+    plot(summary, out / "figure.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_config())
