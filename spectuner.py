@@ -1,0 +1,837 @@
+"""Fit one spectrum with the LTE model: parameter box, losses, optimisers, errors, command line.
+
+Implements METHOD.md §3 (unit cube over the parameter box), §4 (chi2 and peak-matching losses),
+§7 (best of N_init starts refined by SLSQP or Nelder-Mead; particle swarm) and the 1-sigma errors
+of issue 3, for Qiu et al., arXiv:2511.21027 (Spectuner-D1) and Spectuner (ApJS 277, 21).
+
+    python spectuner.py fit ../shared/data/spectra/iras16293b/*.dat --mol CH3OH --v_lsr 2.7 \
+        --beam_arcsec 0.486 --T_bg_K 5 --loss pm --json fit.json --plot fit.png
+    python spectuner.py model --mol CH3OH --freq_MHz 241700:241900:4000 --fix eta=0.5 \
+        --fix T_ex=150 --fix N_tot=1e17 --fix delta_v=2 --fix v_off=0 --out model.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from scipy.integrate import trapezoid
+from scipy.optimize import minimize
+from scipy.signal import find_peaks, peak_widths
+from scipy.stats import qmc
+
+import lte
+
+
+@dataclasses.dataclass
+class Config:
+    command: str = "fit"  # fit (fit SPEC files) or model (write a model spectrum)
+    spec: list[str] = dataclasses.field(default_factory=list)  # SPEC files: freq MHz, T K columns
+    mol: list[str] = dataclasses.field(default_factory=list)  # molecule names or catalogue paths
+    catalog: str = ""  # catalogue file for every --mol; "" = lte's bundled default
+    rms: list[float] = dataclasses.field(default_factory=list)  # K, one per SPEC; none = estimate
+    beam_arcsec: float = 0.0  # interferometer beam FWHM, arcsec (eta fitted directly); 0 = unset
+    dish_m: float = 0.0  # single-dish diameter, m (eta fitted at the data centre); 0 = unset
+    T_bg_K: float = 0.0  # continuum brightness under the lines, K
+    v_lsr: float = 0.0  # systemic velocity, km/s; nu_rest = nu_obs (1 + v_lsr / c)
+    bounds: list[str] = dataclasses.field(default_factory=list)  # [MOL:]NAME=LO:HI, physical units
+    fix: list[str] = dataclasses.field(default_factory=list)  # [MOL:]NAME=VALUE, physical units
+    method: str = "random+slsqp"  # random+slsqp, random+nelder-mead, pso, nn, nn+slsqp, ...
+    loss: str = "pm"  # pm (peak matching) or chi2
+    n_init: int = 50  # random starts (policy samples for nn methods)
+    pso_restarts: int = 1  # independent particle-swarm runs, best kept
+    seed: int = 0  # seeds every random draw
+    json: str = ""  # write the result here (JSON); "" = do not
+    plot: str = ""  # draw data, model and residual per window here (PNG); "" = do not
+    freq_MHz: str = ""  # model: LO:HI:N channel grid, used when no SPEC file is given
+    out: str = "model.txt"  # model: output spectrum (freq MHz, T K); _i suffix for several grids
+
+
+PARAM_NAMES = ("eta", "T_ex", "N_tot", "delta_v", "v_off")
+IS_LOG = np.array([True, True, True, True, False])  # §3: the box is linear in log10 of these
+ETA_MAX = 1.0 - 1e-6  # eta = 1 would be an infinite source (§3: capped just below 1)
+DEFAULT_BOUNDS = {
+    "eta": (1e-3, ETA_MAX),
+    "T_ex": (3.0, 1000.0),
+    "N_tot": (1e12, 1e20),
+    "delta_v": (0.3, 30.0),
+    "v_off": (-12.0, 12.0),
+}
+PEAK_SIGMA = 4.0  # §4: peaks need height and prominence >= 4 rms
+FD_STEP = 1e-5  # forward-difference step in the unit cube (gradients and Gauss-Newton)
+
+
+class Window(NamedTuple):
+    """One observed window; freq_MHz in the observed (LSRK) frame as in the file."""
+
+    freq_MHz: np.ndarray
+    T_obs_K: np.ndarray
+    rms_K: float | np.ndarray
+    T_bg_K: float = 0.0
+    beam_arcsec: float | None = None
+
+
+# --- parameter box (§3) ---
+
+
+def make_box(mol_names: list[str], bounds: dict | None = None, fix: dict | None = None) -> dict:
+    """Box of the 5 k parameters of k molecules in internal coordinates q (log10 where IS_LOG).
+
+    Args:
+        mol_names: molecule names, in parameter order.
+        bounds: {NAME or "MOL:NAME": (lo, hi)} in physical units, overriding DEFAULT_BOUNDS.
+        fix: {NAME or "MOL:NAME": value} in physical units; these are not optimised.
+
+    Returns:
+        dict with q_lo, q_hi (5 k,), x_fix (5 k,) physical (NaN where free), free and log (5 k,)
+        bool, names (5 k,) "MOL:NAME".
+
+    Raises:
+        ValueError: unknown molecule or parameter name, lo >= hi, or a non-positive log parameter.
+    """
+    n = 5 * len(mol_names)
+    lo, hi = np.tile([[DEFAULT_BOUNDS[p][i] for p in PARAM_NAMES] for i in (0, 1)], len(mol_names))
+    value = np.full(n, np.nan)
+    for table, is_range in ((bounds or {}, True), (fix or {}, False)):
+        for key, val in table.items():
+            for i in _param_indices(key, mol_names):
+                lo_i, hi_i = val if is_range else (val, val)
+                if is_range and not lo_i < hi_i:
+                    raise ValueError(f"bounds for {key}: low {lo_i} must be below high {hi_i}")
+                if IS_LOG[i % 5] and lo_i <= 0:
+                    raise ValueError(f"{key}={lo_i}: {PARAM_NAMES[i % 5]} must be positive")
+                lo[i], hi[i] = (lo_i, hi_i) if is_range else (lo[i], hi[i])
+                value[i] = np.nan if is_range else val
+    log = np.tile(IS_LOG, len(mol_names))
+    q_lo, q_hi = (np.where(log, np.log10(np.where(log, a, 1.0)), a) for a in (lo, hi))
+    names = [f"{m}:{p}" for m in mol_names for p in PARAM_NAMES]
+    return dict(q_lo=q_lo, q_hi=q_hi, x_fix=value, free=np.isnan(value), log=log, names=names)
+
+
+def _param_indices(key: str, mol_names: list[str]) -> list[int]:
+    """Indices into the 5 k vector for "NAME" (every molecule) or "MOL:NAME"."""
+    mol, _, name = key.rpartition(":")
+    if name not in PARAM_NAMES:
+        raise ValueError(
+            f"unknown parameter {key!r}; expected [MOL:]NAME with NAME in {PARAM_NAMES}"
+        )
+    if mol and mol not in mol_names:
+        raise ValueError(f"unknown molecule {mol!r} in {key!r}; fitted molecules: {mol_names}")
+    return [5 * k + PARAM_NAMES.index(name) for k, m in enumerate(mol_names) if mol in ("", m)]
+
+
+def to_physical(U: np.ndarray, box: dict) -> np.ndarray:
+    """Free unit-cube coordinates U (B, n_free) -> physical parameters (B, 5 k)."""
+    U = np.clip(np.atleast_2d(U), 0.0, 1.0)
+    free, log = box["free"], box["log"][box["free"]]
+    X = np.tile(box["x_fix"], (U.shape[0], 1))  # fixed values exactly as given
+    q = box["q_lo"][free] + U * (box["q_hi"][free] - box["q_lo"][free])
+    X[:, free] = np.where(log, 10.0**q, q)
+    return X
+
+
+def to_unit(X: np.ndarray, box: dict) -> np.ndarray:
+    """Physical parameters X (B, 5 k) -> free unit-cube coordinates (B, n_free), the inverse."""
+    X = np.atleast_2d(X)
+    q = np.where(box["log"], np.log10(np.where(box["log"], X, 1.0)), X)[:, box["free"]]
+    lo, hi = box["q_lo"][box["free"]], box["q_hi"][box["free"]]
+    return (q - lo) / (hi - lo)
+
+
+# --- losses (§4), batched: T_model (B, C) against one observed window (C,) ---
+
+
+def loss_chi2(T_model: np.ndarray, T_obs: np.ndarray, rms_K, obs=None) -> np.ndarray:
+    """0.5 mean(((T_obs - T_model) / rms)^2) over channels, (B, C) -> (B,); obs is unused."""
+    return 0.5 * np.mean(((T_obs - np.atleast_2d(T_model)) / rms_K) ** 2, axis=-1)
+
+
+def find_spans(T_K: np.ndarray, rms_K) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Peaks with height and prominence >= 4 rms and their merged spans (§4).
+
+    A peak's span is its width at 25 % of its prominence below the top (peak_widths
+    rel_height=0.25); overlapping spans are merged.
+
+    Returns:
+        spans (n, 2) fractional channel edges, tops (n,) channel of each span's highest peak,
+        peaks (m,) channels of all peaks.
+    """
+    rms = np.broadcast_to(rms_K, T_K.shape)
+    peaks, _ = find_peaks(T_K, height=PEAK_SIGMA * rms, prominence=PEAK_SIGMA * np.median(rms))
+    spans, tops = [], []
+    if peaks.size:
+        left, right = peak_widths(T_K, peaks, rel_height=0.25)[2:]
+        for i in np.argsort(left):
+            if spans and left[i] <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], right[i])
+                tops[-1] = max(tops[-1], peaks[i], key=lambda p: T_K[p])
+            else:
+                spans.append([left[i], right[i]])
+                tops.append(peaks[i])
+    return np.reshape(spans, (-1, 2)), np.asarray(tops, dtype=int), peaks
+
+
+def _span_mean(y: np.ndarray, a: float, b: float) -> float:
+    """Trapezoid average of y (on channels 0..C-1) over the fractional span [a, b]."""
+    x = np.concatenate(([a], np.arange(np.ceil(a), np.floor(b) + 1), [b]))
+    v = np.interp(x, np.arange(y.size), y)
+    return trapezoid(v, x) / (b - a) if b > a else float(v[0])
+
+
+def fp_weight(x: float, peaks_obs: np.ndarray, n_chan: int) -> float:
+    """False-positive weight at channel x: 0 at an observed peak, 1 half-way to the next (§4).
+
+    Beyond the outermost peaks the half-gap on their inner side is used, and half the window
+    when there is one observed peak (ours); with none the weight is 1.
+    """
+    p = np.sort(peaks_obs).astype(float)
+    if p.size == 0:
+        return 1.0
+    half = np.diff(p) / 2 if p.size > 1 else np.array([n_chan / 2])
+    j = np.searchsorted(p, x)
+    if 0 < j < p.size:
+        return min(1.0, min(x - p[j - 1], p[j] - x) / half[j - 1])
+    return min(1.0, abs(x - p[min(j, p.size - 1)]) / half[0 if j == 0 else -1])
+
+
+def loss_pm(T_model: np.ndarray, T_obs: np.ndarray, rms_K, obs=None) -> np.ndarray:
+    """Peak-matching loss of Spectuner (§4), (B, C) -> (B,); lower is better, < 0 when matched.
+
+    Args:
+        T_model: model spectra (B, C) or (C,), K.
+        T_obs: observed spectrum (C,), K.
+        rms_K: noise, scalar or (C,), K.
+        obs: find_spans(T_obs, rms_K), computed once per window by the caller; None = here.
+
+    Returns:
+        (B,) mean |T_obs - T_model| + true-positive terms + weighted false-positive terms.
+    """
+    T_model = np.atleast_2d(T_model)
+    spans_o, _, peaks_o = find_spans(T_obs, rms_K) if obs is None else obs
+    floor = PEAK_SIGMA * np.broadcast_to(rms_K, T_obs.shape)  # P = 4 rms
+    out = np.mean(np.abs(T_obs - T_model), axis=-1)
+    for b, T_m in enumerate(T_model):
+        spans_m, tops_m, _ = find_spans(T_m, rms_K)
+        for (a_m, b_m), top in zip(spans_m, tops_m):
+            lo, hi = np.maximum(spans_o[:, 0], a_m), np.minimum(spans_o[:, 1], b_m)
+            hits = np.flatnonzero(hi > lo)
+            for j in hits:  # every overlap I of an observed and this model span
+                obs_I, mod_I = _span_mean(T_obs, lo[j], hi[j]), _span_mean(T_m, lo[j], hi[j])
+                dice = 2 * (hi[j] - lo[j]) / (spans_o[j, 1] - spans_o[j, 0] + b_m - a_m)
+                term = _span_mean(np.abs(T_obs - T_m), lo[j], hi[j]) - dice * obs_I
+                out[b] += min(term, 0.0) if mod_I < obs_I else term  # blends: no under-penalty
+            if hits.size == 0:  # a model peak where nothing was observed
+                excess = min(
+                    _span_mean(np.maximum(0, T_m - T_obs), a_m, b_m),
+                    _span_mean(np.maximum(0, T_m - floor), a_m, b_m),
+                )
+                out[b] += fp_weight(top, peaks_o, T_obs.size) * excess
+    return out
+
+
+LOSSES = {"chi2": loss_chi2, "pm": loss_pm}
+
+
+# --- optimisers in the unit cube (§7); f maps U (B, n) -> losses (B,) in one batched call ---
+
+
+def random_starts(f, n_dim: int, n_init: int, rng: np.random.Generator):
+    """Best of n_init uniform draws, evaluated in one call. Returns (u, loss, nfev)."""
+    U = rng.random((n_init, n_dim))
+    L = f(U)
+    return U[np.argmin(L)], float(np.min(L)), n_init
+
+
+def refine_slsqp(f, u0: np.ndarray, f0: float, maxiter: int = 100):
+    """SLSQP with bounds [0, 1] from u0 (loss f0). Returns (u, loss, nfev, status).
+
+    The gradient is by forward differences (a backward step at the upper bound) with every
+    perturbed point in ONE batched call of f: the numpy model is cheaper per point in a batch,
+    and the pm loss (peak finding) has no autograd path. Values and gradients are cached by x,
+    so no point is evaluated twice; nfev counts every point, gradients included.
+    """
+    cache = {u0.tobytes(): [f0, None]}  # x -> [loss, gradient or None]
+    nfev = 0
+
+    def value(x):
+        nonlocal nfev
+        if x.tobytes() not in cache:
+            cache[x.tobytes()] = [float(f(x[None])[0]), None]
+            nfev += 1
+        return cache[x.tobytes()][0]
+
+    def gradient(x):
+        nonlocal nfev
+        entry = cache.setdefault(x.tobytes(), [None, None])
+        if entry[1] is None:
+            h = np.where(x + FD_STEP <= 1.0, FD_STEP, -FD_STEP)
+            points = x + np.diag(h) if entry[0] is not None else np.vstack([x, x + np.diag(h)])
+            vals = f(points)
+            nfev += len(points)
+            entry[0] = entry[0] if entry[0] is not None else float(vals[0])
+            entry[1] = (vals[-x.size :] - entry[0]) / h
+        return entry[1]
+
+    res = minimize(
+        value,
+        u0,
+        jac=gradient,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * u0.size,
+        options={"maxiter": maxiter},
+    )
+    return _better(res, u0, f0, nfev)
+
+
+def refine_nelder_mead(f, u0: np.ndarray, f0: float, maxfev: int = 1000):
+    """Nelder-Mead with bounds [0, 1] from u0 (loss f0). Returns (u, loss, nfev, status)."""
+    nfev = 0
+
+    def value(x):
+        nonlocal nfev
+        nfev += 1
+        return float(f(x[None])[0])
+
+    res = minimize(
+        value,
+        u0,
+        method="Nelder-Mead",
+        bounds=[(0.0, 1.0)] * u0.size,
+        options={"maxfev": maxfev, "xatol": 1e-4, "fatol": 1e-6},
+    )
+    return _better(res, u0, f0, nfev)
+
+
+def _better(res, u0, f0, nfev):
+    """The better of the refined point and the start (§7), with nfev and a status string."""
+    message = str(res.message)
+    limit = "limit" in message.lower() or "maximum" in message.lower()
+    status = "ok" if res.success else ("maxiter" if limit else message)
+    if np.isfinite(res.fun) and res.fun < f0:
+        return np.clip(res.x, 0.0, 1.0), float(res.fun), nfev, status
+    return u0, f0, nfev, status
+
+
+def reflect(X: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reflective bounds on [0, 1]: fold positions back in, flip velocity on odd reflections."""
+    odd = np.mod(np.floor(X), 2) == 1
+    X = np.mod(X, 2.0)
+    return np.where(X > 1.0, 2.0 - X, X), np.where(odd, -V, V)
+
+
+def pso(
+    f,
+    n_dim: int,
+    rng: np.random.Generator,
+    n_particles: int = 28,
+    inertia: float = 0.729,
+    c1: float = 1.49,
+    c2: float = 1.49,
+    min_cycles: int = 100,
+    max_cycles: int = 1000,
+    patience: int = 15,
+    tol: float = 1e-5,
+):
+    """Particle swarm of §7, one batched call of f per generation. Returns (u, loss, nfev, status).
+
+    Latin-hypercube start, start velocities uniform within the box (ours), reflective bounds;
+    stops after min_cycles once the global best improved by less than tol (relative) for
+    patience cycles in a row, or after max_cycles (status "maxiter").
+    """
+    X = qmc.LatinHypercube(d=n_dim, seed=rng).random(n_particles)
+    V = rng.uniform(-X, 1.0 - X)  # as SPSO 2011: a first step stays inside the box
+    best_X, best_L = X.copy(), f(X)
+    nfev, stall, g = n_particles, 0, np.argmin(best_L)
+    for cycle in range(1, max_cycles + 1):
+        r1, r2 = rng.random((2, *X.shape))
+        V = inertia * V + c1 * r1 * (best_X - X) + c2 * r2 * (best_X[g] - X)
+        X, V = reflect(X + V, V)
+        L = f(X)
+        nfev += n_particles
+        old, better = best_L[g], L < best_L
+        best_X[better], best_L[better] = X[better], L[better]
+        g = np.argmin(best_L)
+        stall = stall + 1 if (old - best_L[g]) < tol * max(abs(old), 1e-300) else 0
+        if cycle >= min_cycles and stall >= patience:
+            return best_X[g], float(best_L[g]), nfev, "ok"
+    return best_X[g], float(best_L[g]), nfev, "maxiter"
+
+
+def run_random_local(f, n_dim, n_init, rng, n_restarts=1, local=refine_slsqp):
+    """Best of n_init uniform starts refined by a local optimiser (§7 baseline)."""
+    u0, f0, nfev0 = random_starts(f, n_dim, n_init, rng)
+    u, loss, nfev, status = local(f, u0, f0)
+    return u, loss, nfev0 + nfev, status
+
+
+def run_pso(f, n_dim, n_init, rng, n_restarts=1, local=None):
+    """Best of n_restarts independent particle swarms (n_init is unused)."""
+    runs = [pso(f, n_dim, rng) for _ in range(n_restarts)]
+    u, loss, _, status = min(runs, key=lambda r: r[1])
+    return u, loss, sum(r[2] for r in runs), status
+
+
+def run_policy(f, n_dim, n_init, rng, n_restarts=1, local=None):
+    """Placeholder until the trained policy exists."""
+    raise ValueError(
+        "the nn methods need the trained policy (not available yet); "
+        "use random+slsqp, random+nelder-mead or pso"
+    )
+
+
+METHODS = {
+    "random+slsqp": run_random_local,
+    "random+nelder-mead": partial(run_random_local, local=refine_nelder_mead),
+    "pso": run_pso,
+    "nn": run_policy,
+    "nn+slsqp": run_policy,
+    "nn+nelder-mead": run_policy,
+}
+
+
+# --- uncertainties: Gauss-Newton on chi2 (beyond the reference) ---
+
+
+def gauss_newton_errors(resid, u: np.ndarray, names: list[str], max_cond: float = 1e8):
+    """1-sigma errors in the unit cube from H = J^T J of the noise-normalised residuals.
+
+    Args:
+        resid: U (B, n) -> (B, M) residuals (T_obs - T_model) / sigma, one batched call.
+        u: optimum (n,) in the unit cube.
+        names: parameter names (n,), for the notes.
+        max_cond: eigenvalue ratio of the correlation form of H above which directions are
+            called degenerate.
+
+    Returns:
+        sigma_u (n,) (NaN where degenerate), notes {index: reason}, nfev (n + 1).
+    """
+    h = np.where(u + FD_STEP <= 1.0, FD_STEP, -FD_STEP)
+    R = resid(np.vstack([u, u + np.diag(h)]))  # (n + 1, M)
+    J = (R[1:] - R[0]) / h[:, None]  # (n, M)
+    H = J @ J.T  # Gauss-Newton Hessian of 0.5 sum(resid^2)
+    d = np.sqrt(np.diag(H))
+    ok = np.flatnonzero(d > 1e-12 * max(d.max(), 1e-300))
+    notes = {i: "no effect on the model" for i in set(range(u.size)) - set(ok)}
+    w, V = np.linalg.eigh(H[np.ix_(ok, ok)] / np.outer(d[ok], d[ok]))  # correlation form
+    small = w < w.max() / max_cond if ok.size else w < 0
+    for k in np.flatnonzero(small):
+        involved = ok[np.abs(V[:, k]) > 0.3]
+        for i in involved:
+            others = ", ".join(names[j] for j in involved if j != i) or "the others"
+            notes[i] = f"degenerate with {others} (condition number > {max_cond:.0e})"
+    sigma = np.full(u.size, np.nan)
+    sigma[ok] = np.sqrt(np.diag((V[:, ~small] / w[~small]) @ V[:, ~small].T)) / d[ok]
+    sigma[list(notes)] = np.nan
+    return sigma, notes, u.size + 1
+
+
+# --- the model over windows and the fit ---
+
+
+def _prepare(windows: list[Window], molecules: list, margin_kms: float, v_lsr_kms: float) -> list:
+    """Rest-frame windows with each molecule's lines within margin_kms of them."""
+    if not windows:
+        raise ValueError("no spectral window given")
+    prep = []
+    for w in windows:
+        freq = np.asarray(w.freq_MHz, dtype=float) * (1.0 + v_lsr_kms / lte.C_KMS)
+        lo, hi = (
+            freq.min() * (1 - margin_kms / lte.C_KMS),
+            freq.max() * (1 + margin_kms / lte.C_KMS),
+        )
+        T = np.asarray(w.T_obs_K, dtype=float)
+        rms = np.broadcast_to(np.asarray(w.rms_K, dtype=float), T.shape)
+        mols = [lte.select_lines(m, lo, hi) for m in molecules]
+        prep.append(dict(freq=freq, T=T, rms=rms, T_bg=w.T_bg_K, mols=mols, nu_c=freq.mean()))
+    for k, m in enumerate(molecules):
+        if all(p["mols"][k].freq_MHz.size == 0 for p in prep):
+            ranges = ", ".join(f"{p['freq'].min():.1f}-{p['freq'].max():.1f}" for p in prep)
+            raise ValueError(
+                f"molecule {m.name} has no line within {margin_kms:.0f} km/s of the "
+                f"windows (rest frame, MHz): {ranges}"
+            )
+    return prep
+
+
+def _forward(X: np.ndarray, prep: list, nu_ref_MHz: float | None = None) -> list[np.ndarray]:
+    """Summed model of all molecules per window, X (B, 5 k) -> list of (B, C) (§2)."""
+    out = []
+    for w in prep:
+        T = np.zeros((X.shape[0], w["freq"].size))
+        for k, mol in enumerate(w["mols"]):
+            if mol.freq_MHz.size == 0:
+                continue
+            p = X[:, 5 * k : 5 * k + 5].copy()
+            if nu_ref_MHz is not None:  # single dish: eta fitted at nu_ref, theta_beam ~ 1 / nu
+                p[:, 0] = p[:, 0] / (p[:, 0] + (1 - p[:, 0]) * (nu_ref_MHz / w["nu_c"]) ** 2)
+            T += lte.spectrum(w["freq"], mol, p, T_bg_K=w["T_bg"])
+        out.append(T)
+    return out
+
+
+def _ref_freq(prep: list) -> float:
+    """Centre of the data (rest frame, MHz): where a single dish's eta is fitted."""
+    return 0.5 * (min(w["freq"].min() for w in prep) + max(w["freq"].max() for w in prep))
+
+
+def fit_spectrum(
+    windows: list[Window],
+    molecules: list,
+    method: str = "random+slsqp",
+    loss: str = "pm",
+    n_init: int = 50,
+    seed: int = 0,
+    bounds: dict | None = None,
+    fix: dict | None = None,
+    v_lsr_kms: float = 0.0,
+    dish_m: float | None = None,
+    policy=None,
+    pso_restarts: int = 1,
+) -> dict:
+    """Fit k molecules jointly (5 LTE parameters each) to the windows (§3, §4, §7).
+
+    Args:
+        windows: observed windows (observed frame); the losses of the windows add up.
+        molecules: lte.Molecule list; their intensities are summed.
+        method: a key of METHODS. loss: "pm" or "chi2". n_init: random starts.
+        seed: seeds all draws; the result is deterministic for a seed.
+        bounds, fix: see make_box. v_lsr_kms: systemic velocity (nu_rest = nu_obs (1 + v / c)).
+        dish_m: single-dish diameter; eta is then the value at the data centre (§2).
+        policy: reserved for the nn methods. pso_restarts: independent swarms for "pso".
+
+    Returns:
+        dict: params, errors, error_notes ({mol: {name: ...}}), loss, nfev (the fit's forward-model
+        evaluations), nfev_errors, time_s, status, method, loss_name (+ source_size_arcsec and
+        eta_ref_MHz for a single dish). The errors are statistical (Gauss-Newton on chi2 at the
+        optimum, noise only): lines of other molecules and model errors are not in them.
+
+    Raises:
+        ValueError: unknown method or loss, no or duplicate molecules, nothing free to fit.
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS or loss not in LOSSES:
+        raise ValueError(
+            f"method {method!r} / loss {loss!r}: expected one of "
+            f"{sorted(METHODS)} / {sorted(LOSSES)}"
+        )
+    names = [m.name for m in molecules]
+    if not names or len(set(names)) < len(names):
+        raise ValueError(f"molecules {names}: expected at least one, each once")
+    box = make_box(names, bounds, fix)
+    if not box["free"].any():
+        raise ValueError("every parameter is fixed: nothing to fit (use the model command)")
+    q_v = np.concatenate([box[k][4::5] for k in ("q_lo", "q_hi", "x_fix")])
+    margin_kms = np.nanmax(np.abs(q_v)) + 3 * 10 ** box["q_hi"][3::5].max()
+    prep = _prepare(windows, molecules, margin_kms, v_lsr_kms)
+    nu_ref = _ref_freq(prep) if dish_m else None
+    obs = [find_spans(w["T"], w["rms"]) for w in prep]  # observed peaks once (§4)
+
+    def objective(U):
+        models = _forward(to_physical(U, box), prep, nu_ref)
+        return sum(LOSSES[loss](m, w["T"], w["rms"], o) for m, w, o in zip(models, prep, obs))
+
+    def resid(U):
+        models = _forward(to_physical(U, box), prep, nu_ref)
+        return np.concatenate([(w["T"] - m) / w["rms"] for m, w in zip(models, prep)], axis=1)
+
+    rng = np.random.default_rng(seed)
+    n_free = int(box["free"].sum())
+    u, best, nfev, status = METHODS[method](objective, n_free, n_init, rng, n_restarts=pso_restarts)
+    free_names = [n for n, f in zip(box["names"], box["free"]) if f]
+    sigma_u, notes_u, nfev_err = gauss_newton_errors(resid, u, free_names)
+
+    X = to_physical(u, box)[0]
+    sigma = np.full(X.size, np.nan)
+    sigma_q = sigma_u * (box["q_hi"] - box["q_lo"])[box["free"]]
+    sigma[box["free"]] = np.where(box["log"][box["free"]], np.log(10) * X[box["free"]], 1) * sigma_q
+    notes = {i: "fixed" for i in np.flatnonzero(~box["free"])}
+    notes.update({np.flatnonzero(box["free"])[i]: r for i, r in notes_u.items()})
+    for i, s in zip(np.flatnonzero(box["free"]), sigma_q):
+        if box["log"][i] and s > 1:
+            notes[i] = "unconstrained: 1-sigma beyond a factor of 10"
+    sigma[list(notes)] = np.nan
+    per_mol = lambda a: {m: dict(zip(PARAM_NAMES, map(float, a[5 * k : 5 * k + 5])))  # noqa: E731
+                         for k, m in enumerate(names)}  # fmt: skip
+    result = dict(
+        params=per_mol(X),
+        errors=per_mol(sigma),
+        error_notes={m: {} for m in names},
+        loss=float(best),
+        nfev=int(nfev),
+        nfev_errors=nfev_err,
+        time_s=time.perf_counter() - t0,
+        status=status if np.isfinite(best) else "non-finite loss",
+        method=method,
+        loss_name=loss,
+    )
+    for i, reason in notes.items():
+        result["error_notes"][names[i // 5]][PARAM_NAMES[i % 5]] = reason
+    if dish_m:
+        beam_ref = 1.22 * lte.C_KMS * 1e3 / (nu_ref * 1e6 * dish_m) * 206264.806  # arcsec
+        eta = X[0::5]
+        result["source_size_arcsec"] = dict(
+            zip(names, map(float, beam_ref * np.sqrt(eta / (1 - eta))))
+        )
+        result["eta_ref_MHz"] = nu_ref
+    return result
+
+
+def model_windows(
+    windows: list[Window],
+    molecules: list,
+    params: dict,
+    v_lsr_kms: float = 0.0,
+    dish_m: float | None = None,
+) -> list[np.ndarray]:
+    """Summed LTE model per window at params {mol: {eta, T_ex, N_tot, delta_v, v_off}}.
+
+    Returns:
+        list of (C,) arrays, K, one per window (eta is the value at the data centre if dish_m).
+    """
+    X = np.array([[params[m.name][p] for p in PARAM_NAMES] for m in molecules]).reshape(1, -1)
+    margin_kms = np.abs(X[0, 4::5]).max() + 3 * X[0, 3::5].max()
+    prep = _prepare(windows, molecules, margin_kms, v_lsr_kms)
+    return [T[0] for T in _forward(X, prep, _ref_freq(prep) if dish_m else None)]
+
+
+# --- command line ---
+
+
+def read_spec(
+    path: str, rms_K: float | None = None, T_bg_K: float = 0.0, beam_arcsec: float | None = None
+) -> Window:
+    """A SPEC file (two columns: frequency MHz, brightness K) as a Window.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not two numeric columns, or frequencies not strictly monotonic.
+    """
+    try:
+        data = np.loadtxt(path, ndmin=2)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"SPEC file {path} not found") from None
+    except ValueError as err:
+        raise ValueError(
+            f"SPEC file {path}: expected two numeric columns (MHz, K): {err}"
+        ) from None
+    if data.shape[1] < 2 or data.shape[0] < 3 or not np.isfinite(data[:, :2]).all():
+        raise ValueError(
+            f"SPEC file {path}: expected >= 3 rows of two finite columns (MHz, K), "
+            f"got shape {data.shape}"
+        )
+    step = np.diff(data[:, 0])
+    if not ((step > 0).all() or (step < 0).all()):
+        raise ValueError(f"SPEC file {path}: frequencies must be strictly increasing or decreasing")
+    rms = estimate_rms(data[:, 1]) if rms_K is None else rms_K
+    return Window(data[:, 0], data[:, 1], rms, T_bg_K, beam_arcsec)
+
+
+def estimate_rms(T_K: np.ndarray, n_sigma: float = 3.0, n_iter: int = 20) -> float:
+    """Noise of a line-rich spectrum: sigma-clipped MAD of the second differences / sqrt(6).
+
+    Second differences cancel lines wider than a few channels, so a line forest does not
+    inflate the estimate (ours; on the IRAS 16293-2422 B windows it is within 20 % of the
+    archive rms, where a clipped MAD of T itself is 3-5 times too high).
+    """
+    d2 = T_K[:-2] - 2 * T_K[1:-1] + T_K[2:]
+    keep = np.ones(d2.size, bool)
+    for _ in range(n_iter):
+        med = np.median(d2[keep])
+        sigma = 1.4826 * np.median(np.abs(d2[keep] - med))
+        new = np.abs(d2 - med) < n_sigma * sigma
+        if (new == keep).all():
+            break
+        keep = new
+    return float(sigma / np.sqrt(6))
+
+
+def parse_assignments(items: list[str], ranged: bool) -> dict:
+    """["NAME=LO:HI", ...] (ranged) or ["NAME=VALUE", ...] -> {NAME: (lo, hi) or value}.
+
+    Raises:
+        ValueError: an item not of that form.
+    """
+    out = {}
+    for item in items:
+        key, _, val = item.rpartition("=")
+        try:
+            parts = [float(v) for v in val.split(":")]
+            assert len(parts) == (2 if ranged else 1) and key
+        except (ValueError, AssertionError):
+            form = "[MOL:]NAME=LO:HI" if ranged else "[MOL:]NAME=VALUE"
+            raise ValueError(f"{item!r}: expected {form} with numbers") from None
+        out[key] = tuple(parts) if ranged else parts[0]
+    return out
+
+
+def plot_fit(path: str, windows: list[Window], models: list[np.ndarray], title: str) -> None:
+    """Per window: data, model and residual (offset below), whole and +-25 km/s around the
+    brightest model line; saved to path."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 1.9 * len(windows) + 0.6), layout="constrained")
+    axes = fig.subplots(len(windows), 2, squeeze=False, width_ratios=(3, 1))
+    for (ax_all, ax_zoom), w, m in zip(axes, windows, models):
+        f0 = w.freq_MHz[np.argmax(m)]
+        near = np.abs(w.freq_MHz - f0) < 25.0 / lte.C_KMS * f0
+        offset = 0.4 * np.abs(w.T_obs_K).max()
+        for ax, sel in ((ax_all, slice(None)), (ax_zoom, near)):
+            f = w.freq_MHz[sel]
+            ax.plot(f, w.T_obs_K[sel], "k", lw=0.5, drawstyle="steps-mid", label="data")
+            ax.plot(f, m[sel], "C3", lw=0.8, label="model")
+            ax.plot(f, w.T_obs_K[sel] - m[sel] - offset, "C0", lw=0.5, label="residual - offset")
+        ax_all.set_ylabel("T [K]")
+    for ax in axes.ravel():
+        ax.ticklabel_format(useOffset=False)
+    ax_all.set_xlabel("observed frequency [MHz]")
+    ax_zoom.set_xlabel("observed frequency [MHz] (+-25 km/s)")
+    ax_zoom.legend(loc="upper right", fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Config from the command line: one option per field, help from its comment."""
+    helps = dict(re.findall(r"^    (\w+):[^#]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("fit", "model"), help=helps["command"])
+    parser.add_argument("spec", nargs="*", help=helps["spec"])
+    for f in dataclasses.fields(Config)[2:]:
+        if f.type.startswith("list"):
+            kind = float if "float" in f.type else str
+            parser.add_argument(
+                f"--{f.name}", nargs="+", action="extend", type=kind, default=[], help=helps[f.name]
+            )
+        else:
+            parser.add_argument(
+                f"--{f.name}", type=type(f.default), default=f.default, help=helps[f.name]
+            )
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(cfg: Config) -> dict:
+    """Run `fit` (fit, print the table, write JSON and plot) or `model` (write spectra)."""
+    # --- data ---
+    if not cfg.mol:
+        raise ValueError("no molecule: give --mol NAME (e.g. --mol CH3OH)")
+    if cfg.beam_arcsec and cfg.dish_m:
+        raise ValueError("give --beam_arcsec (interferometer) or --dish_m (single dish), not both")
+    if cfg.rms and len(cfg.rms) not in (1, len(cfg.spec)):
+        raise ValueError(
+            f"--rms has {len(cfg.rms)} values for {len(cfg.spec)} SPEC files; "
+            "expected one per file (or one for all)"
+        )
+    rms = (cfg.rms * len(cfg.spec) if len(cfg.rms) == 1 else cfg.rms) or [None] * len(cfg.spec)
+    beam = cfg.beam_arcsec or None
+    windows = [read_spec(p, r, cfg.T_bg_K, beam) for p, r in zip(cfg.spec, rms)]
+    if cfg.command == "model" and not windows:
+        try:
+            lo, hi, n = (float(v) for v in cfg.freq_MHz.split(":"))
+        except ValueError:
+            raise ValueError(f"--freq_MHz {cfg.freq_MHz!r}: expected LO:HI:N") from None
+        windows = [Window(np.linspace(lo, hi, int(n)), np.zeros(int(n)), 1.0, cfg.T_bg_K, beam)]
+    if not windows:
+        raise ValueError("no SPEC file given (fit needs SPEC files; model SPEC or --freq_MHz)")
+    f_all = np.concatenate([w.freq_MHz for w in windows]) * (1 + cfg.v_lsr / lte.C_KMS)
+    f_range = (f_all.min() * (1 - 1e-3), f_all.max() * (1 + 1e-3))  # +-300 km/s of lines
+    molecules = [
+        lte.load_molecule(m, catalog=cfg.catalog or None, freq_range_MHz=f_range) for m in cfg.mol
+    ]
+    fix, dish = parse_assignments(cfg.fix, ranged=False), cfg.dish_m or None
+    if cfg.command == "model":
+        # --- model ---
+        box = make_box([m.name for m in molecules], fix=fix)
+        if box["free"].any():
+            missing = [n for n, f in zip(box["names"], box["free"]) if f]
+            raise ValueError(f"model needs --fix for every parameter; missing: {missing}")
+        X = to_physical(np.zeros((1, 0)), box)[0]
+        params = {
+            m.name: dict(zip(PARAM_NAMES, X[5 * k : 5 * k + 5])) for k, m in enumerate(molecules)
+        }
+        rng = np.random.default_rng(cfg.seed)
+        models = model_windows(windows, molecules, params, cfg.v_lsr, dish)
+        for i, (w, T) in enumerate(zip(windows, models)):
+            noise = rng.normal(0.0, cfg.rms[min(i, len(cfg.rms) - 1)], T.size) if cfg.rms else 0
+            out = Path(cfg.out)
+            out = out if len(windows) == 1 else out.with_stem(f"{out.stem}_{i}")
+            np.savetxt(out, np.column_stack([w.freq_MHz, T + noise]), fmt="%.9e")
+            print(f"wrote={out} n_chan={T.size} peak_K={T.max():.4g}")
+        return params
+    # --- fit ---
+    res = fit_spectrum(
+        windows,
+        molecules,
+        cfg.method,
+        cfg.loss,
+        cfg.n_init,
+        cfg.seed,
+        parse_assignments(cfg.bounds, ranged=True),
+        fix,
+        cfg.v_lsr,
+        dish,
+        pso_restarts=cfg.pso_restarts,
+    )
+    # --- save ---
+    for name in res["params"]:
+        for p in PARAM_NAMES:
+            note = res["error_notes"][name].get(p, "")
+            print(
+                f"{name:>10s} {p:>8s} = {res['params'][name][p]:11.4g} +- "
+                f"{res['errors'][name][p]:9.3g}  {note}"
+            )
+    print(
+        " ".join(
+            f"{k}={res[k]:.6g}" if isinstance(res[k], float) else f"{k}={res[k]}"
+            for k in ("loss", "nfev", "time_s", "method", "loss_name", "status")
+        )
+    )
+    if cfg.json:
+        nan_to_none = lambda v: None if np.isnan(v) else v  # noqa: E731
+        mols = {
+            m: {
+                **res["params"][m],
+                **{f"{p}_err": nan_to_none(e) for p, e in res["errors"][m].items()},
+            }
+            for m in res["params"]
+        }
+        out = dict(
+            molecules=mols,
+            **{
+                k: res[k]
+                for k in ("loss", "nfev", "method", "loss_name", "time_s", "status", "error_notes")
+                + ("source_size_arcsec", "eta_ref_MHz")
+                if k in res
+            },
+            config=dataclasses.asdict(cfg),
+        )
+        with open(cfg.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    if cfg.plot:
+        models = model_windows(windows, molecules, res["params"], cfg.v_lsr, dish)
+        title = f"{'+'.join(cfg.mol)}: {cfg.method}, loss={cfg.loss} ({res['loss']:.4g})"
+        plot_fit(cfg.plot, windows, models, title)
+    return res
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Command-line entry: bad input ends with `error: ...` and exit code 2, no traceback."""
+    cfg = parse_config(argv)
+    try:
+        main(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
