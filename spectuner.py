@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from scipy.integrate import trapezoid
 from scipy.optimize import minimize
 from scipy.signal import find_peaks, peak_widths
 from scipy.stats import qmc
@@ -159,7 +158,7 @@ def find_spans(T_K: np.ndarray, rms_K) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """Peaks with height and prominence >= 4 rms and their merged spans (§4).
 
     A peak's span is its width at 25 % of its prominence below the top (peak_widths
-    rel_height=0.25); overlapping spans are merged.
+    rel_height=0.25); overlapping (or touching) spans are merged.
 
     Returns:
         spans (n, 2) fractional channel edges, tops (n,) channel of each span's highest peak,
@@ -167,24 +166,46 @@ def find_spans(T_K: np.ndarray, rms_K) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """
     rms = np.broadcast_to(rms_K, T_K.shape)
     peaks, _ = find_peaks(T_K, height=PEAK_SIGMA * rms, prominence=PEAK_SIGMA * np.median(rms))
-    spans, tops = [], []
-    if peaks.size:
-        left, right = peak_widths(T_K, peaks, rel_height=0.25)[2:]
-        for i in np.argsort(left):
-            if spans and left[i] <= spans[-1][1]:
-                spans[-1][1] = max(spans[-1][1], right[i])
-                tops[-1] = max(tops[-1], peaks[i], key=lambda p: T_K[p])
-            else:
-                spans.append([left[i], right[i]])
-                tops.append(peaks[i])
-    return np.reshape(spans, (-1, 2)), np.asarray(tops, dtype=int), peaks
+    if peaks.size == 0:
+        return np.empty((0, 2)), np.empty(0, dtype=int), peaks
+    left, right = peak_widths(T_K, peaks, rel_height=0.25)[2:]
+    order = np.argsort(left, kind="stable")
+    left, right, pk = left[order], right[order], peaks[order]
+    reach = np.maximum.accumulate(right)
+    group = np.concatenate(([0], np.cumsum(left[1:] > reach[:-1])))  # a new span starts here
+    starts = np.flatnonzero(np.diff(group, prepend=-1))
+    spans = np.c_[left[starts], np.maximum.reduceat(right, starts)]
+    best = np.lexsort((np.arange(pk.size), -T_K[pk], group))  # per span: highest, then first
+    tops = pk[best[np.searchsorted(group[best], np.arange(starts.size))]]
+    return spans, tops, peaks
 
 
-def _span_mean(y: np.ndarray, a: float, b: float) -> float:
-    """Trapezoid average of y (on channels 0..C-1) over the fractional span [a, b]."""
-    x = np.concatenate(([a], np.arange(np.ceil(a), np.floor(b) + 1), [b]))
-    v = np.interp(x, np.arange(y.size), y)
-    return trapezoid(v, x) / (b - a) if b > a else float(v[0])
+def _cum_trapz(Y: np.ndarray) -> np.ndarray:
+    """Trapezoid integral of Y (..., C) from channel 0 to each channel, (..., C)."""
+    out = np.zeros(Y.shape)
+    np.cumsum(0.5 * (Y[..., 1:] + Y[..., :-1]), axis=-1, out=out[..., 1:])
+    return out
+
+
+def _span_means(y: np.ndarray, cum: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Means of the linear interpolant of y (channels 0..C-1) over spans [a, b] (fractional).
+
+    The exact integral of the interpolant (= the trapezoid rule on its breakpoints) divided by
+    the width; cum = _cum_trapz(y) makes each span O(1).
+    """
+
+    def integral(x):
+        i = np.clip(np.floor(x).astype(int), 0, y.size - 2)
+        t = x - i
+        return cum[i] + t * y[i] + 0.5 * t * t * (y[i + 1] - y[i])
+
+    width = b - a
+    inside = width > 0
+    return np.where(
+        inside,
+        (integral(b) - integral(a)) / np.where(inside, width, 1.0),
+        np.interp(a, np.arange(y.size), y),
+    )
 
 
 def fp_weight(x: float, peaks_obs: np.ndarray, n_chan: int) -> float:
@@ -218,23 +239,35 @@ def loss_pm(T_model: np.ndarray, T_obs: np.ndarray, rms_K, obs=None) -> np.ndarr
     T_model = np.atleast_2d(T_model)
     spans_o, _, peaks_o = find_spans(T_obs, rms_K) if obs is None else obs
     floor = PEAK_SIGMA * np.broadcast_to(rms_K, T_obs.shape)  # P = 4 rms
-    out = np.mean(np.abs(T_obs - T_model), axis=-1)
+    resid = np.abs(T_obs - T_model)  # (B, C)
+    out = np.mean(resid, axis=-1)
+    cum_obs = _cum_trapz(T_obs)
+    width_o = spans_o[:, 1] - spans_o[:, 0]
     for b, T_m in enumerate(T_model):
         spans_m, tops_m, _ = find_spans(T_m, rms_K)
-        for (a_m, b_m), top in zip(spans_m, tops_m):
-            lo, hi = np.maximum(spans_o[:, 0], a_m), np.minimum(spans_o[:, 1], b_m)
-            hits = np.flatnonzero(hi > lo)
-            for j in hits:  # every overlap I of an observed and this model span
-                obs_I, mod_I = _span_mean(T_obs, lo[j], hi[j]), _span_mean(T_m, lo[j], hi[j])
-                dice = 2 * (hi[j] - lo[j]) / (spans_o[j, 1] - spans_o[j, 0] + b_m - a_m)
-                term = _span_mean(np.abs(T_obs - T_m), lo[j], hi[j]) - dice * obs_I
-                out[b] += min(term, 0.0) if mod_I < obs_I else term  # blends: no under-penalty
-            if hits.size == 0:  # a model peak where nothing was observed
-                excess = min(
-                    _span_mean(np.maximum(0, T_m - T_obs), a_m, b_m),
-                    _span_mean(np.maximum(0, T_m - floor), a_m, b_m),
-                )
-                out[b] += fp_weight(top, peaks_o, T_obs.size) * excess
+        if spans_m.size == 0:
+            continue
+        lo = np.maximum(spans_o[None, :, 0], spans_m[:, None, 0])  # (n_m, n_o) overlaps I
+        hi = np.minimum(spans_o[None, :, 1], spans_m[:, None, 1])
+        im, io = np.nonzero(hi > lo)
+        if im.size:  # true positives: every overlap of an observed and a model span
+            a, c = lo[im, io], hi[im, io]
+            obs_I = _span_means(T_obs, cum_obs, a, c)
+            mod_I = _span_means(T_m, _cum_trapz(T_m), a, c)
+            res_I = _span_means(resid[b], _cum_trapz(resid[b]), a, c)
+            dice = 2 * (c - a) / (width_o[io] + spans_m[im, 1] - spans_m[im, 0])
+            term = res_I - dice * obs_I
+            out[b] += np.where(mod_I < obs_I, np.minimum(term, 0.0), term).sum()  # blends
+        lonely = np.flatnonzero(~(hi > lo).any(axis=1))
+        if lonely.size:  # false positives: model peaks where nothing was observed
+            a, c = spans_m[lonely, 0], spans_m[lonely, 1]
+            over_obs, over_floor = np.maximum(0, T_m - T_obs), np.maximum(0, T_m - floor)
+            excess = np.minimum(
+                _span_means(over_obs, _cum_trapz(over_obs), a, c),
+                _span_means(over_floor, _cum_trapz(over_floor), a, c),
+            )
+            weight = [fp_weight(t, peaks_o, T_obs.size) for t in tops_m[lonely]]
+            out[b] += np.dot(weight, excess)
     return out
 
 
