@@ -19,7 +19,7 @@ import json
 import re
 import sys
 import time
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,7 +44,9 @@ class Config:
     v_lsr: float = 0.0  # systemic velocity, km/s; nu_rest = nu_obs (1 + v_lsr / c)
     bounds: list[str] = dataclasses.field(default_factory=list)  # [MOL:]NAME=LO:HI, physical units
     fix: list[str] = dataclasses.field(default_factory=list)  # [MOL:]NAME=VALUE, physical units
-    method: str = "random+slsqp"  # random+slsqp, random+nelder-mead, pso, nn, nn+slsqp, ...
+    method: str = "auto"  # auto (nn+slsqp if a policy exists), nn, nn+slsqp, nn+nelder-mead,
+    # random+slsqp, random+nelder-mead, pso
+    policy: str = ""  # policy file for the nn methods; "" = data/policy.pt
     loss: str = "pm"  # pm (peak matching) or chi2
     n_init: int = 50  # random starts (policy samples for nn methods)
     pso_restarts: int = 1  # independent particle-swarm runs, best kept
@@ -413,12 +415,18 @@ def run_pso(f, n_dim, n_init, rng, n_restarts=1, local=None):
     return u, loss, sum(r[2] for r in runs), status
 
 
-def run_policy(f, n_dim, n_init, rng, n_restarts=1, local=None):
-    """Placeholder until the trained policy exists."""
-    raise ValueError(
-        "the nn methods need the trained policy (not available yet); "
-        "use random+slsqp, random+nelder-mead or pso"
-    )
+def run_policy(f, n_dim, n_init, rng, n_restarts=1, local=None, propose=None):
+    """Best of n_init policy samples, refined by `local` if given (§7: nn, nn+slsqp, ...).
+
+    propose(n) -> (n, n_dim) unit-cube starts from the network (see policy_sampler).
+    """
+    U = propose(n_init)
+    L = f(U)
+    i = int(np.argmin(L))
+    if local is None:
+        return U[i], float(L[i]), n_init, "ok"
+    u, loss, nfev, status = local(f, U[i], float(L[i]))
+    return u, loss, n_init + nfev, status
 
 
 METHODS = {
@@ -426,9 +434,84 @@ METHODS = {
     "random+nelder-mead": partial(run_random_local, local=refine_nelder_mead),
     "pso": run_pso,
     "nn": run_policy,
-    "nn+slsqp": run_policy,
-    "nn+nelder-mead": run_policy,
+    "nn+slsqp": partial(run_policy, local=refine_slsqp),
+    "nn+nelder-mead": partial(run_policy, local=refine_nelder_mead),
 }
+DEFAULT_POLICY = Path(__file__).resolve().parent / "data" / "policy.pt"
+
+
+# --- the policy network's proposals (§5, §7) ---
+
+
+@lru_cache(maxsize=4)
+def load_policy(path: str):
+    """(net, model config) from a policy file written by train.py, on the CPU, cached by path.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: torch is not installed.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"policy file {path} not found (train one with train.py)")
+    try:
+        import model
+    except ImportError as err:
+        raise ValueError(f"the nn methods need torch ({err}); use random+slsqp") from None
+    return model.load_policy(path, device="cpu")
+
+
+def resolve_method(method: str, policy) -> tuple[str, str]:
+    """'auto' -> nn+slsqp when a policy is available, else random+slsqp; with the reason."""
+    if method != "auto":
+        return method, ""
+    path = policy or DEFAULT_POLICY
+    if not isinstance(path, (str, Path)) or Path(path).is_file():
+        try:
+            import torch  # noqa: F401
+
+            return "nn+slsqp", ""
+        except ImportError:
+            return "random+slsqp", "torch is not installed: random+slsqp instead of nn+slsqp"
+    return "random+slsqp", f"no policy at {path}: random+slsqp instead of nn+slsqp"
+
+
+def policy_sampler(policy, prep: list, molecules: list, box: dict, seed: int):
+    """propose(n) -> (n, n_free) unit-cube starts: n samples of the network for each molecule,
+    the i-th samples combined (joint fits), mapped through the training box to this box.
+
+    Returns:
+        (propose, reason): propose is None with a reason when the spectrum is outside what the
+        network was trained on (a molecule with no transition in reach, a box beyond it).
+    """
+    import torch
+
+    import model
+
+    net, mcfg = load_policy(str(policy)) if isinstance(policy, (str, Path)) else policy
+    names = [m.name for m in molecules]
+    train_box = make_box(names)
+    if np.any(box["q_lo"] < train_box["q_lo"] - 1e-9) or np.any(
+        box["q_hi"] > train_box["q_hi"] + 1e-9
+    ):
+        return None, "bounds reach beyond the box the network was trained on"
+    wins = [dict(freq_MHz=w["freq"], T_K=w["T"], rms_K=w["rms"], T_bg_K=w["T_bg"],
+                 beam_arcsec=w["beam"]) for w in prep]  # fmt: skip
+    tokens = []
+    for mol in molecules:
+        table = {k: getattr(mol, k) for k in ("freq_MHz", "A_s", "g_u", "E_low_K", "E_up_K")}
+        table["log10_Q"] = np.log10(mol.Q(np.asarray(mcfg.Q_temps_K, dtype=float)))
+        tokens.append(model.make_tokens(wins, table, mcfg))
+        if tokens[-1]["spec"].shape[0] == 0:
+            return None, f"{mol.name} has no transition in reach of the windows"
+    batch = model.collate(tokens)
+
+    def propose(n: int) -> np.ndarray:
+        gen = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            u, _ = net.sample(batch, n, generator=gen)  # (n, n_mol, 5)
+        X = to_physical(u.double().numpy().reshape(n, -1), train_box)
+        return np.clip(to_unit(X, box), 0.0, 1.0)
+
+    return propose, ""
 
 
 # --- uncertainties: Gauss-Newton on chi2 (beyond the reference) ---
@@ -484,7 +567,8 @@ def _prepare(windows: list[Window], molecules: list, margin_kms: float, v_lsr_km
         T = np.asarray(w.T_obs_K, dtype=float)
         rms = np.broadcast_to(np.asarray(w.rms_K, dtype=float), T.shape)
         mols = [lte.select_lines(m, lo, hi) for m in molecules]
-        prep.append(dict(freq=freq, T=T, rms=rms, T_bg=w.T_bg_K, mols=mols, nu_c=freq.mean()))
+        prep.append(dict(freq=freq, T=T, rms=rms, T_bg=w.T_bg_K, mols=mols, nu_c=freq.mean(),
+                         beam=w.beam_arcsec))  # fmt: skip
     for k, m in enumerate(molecules):
         if all(p["mols"][k].freq_MHz.size == 0 for p in prep):
             ranges = ", ".join(f"{p['freq'].min():.1f}-{p['freq'].max():.1f}" for p in prep)
@@ -519,7 +603,7 @@ def _ref_freq(prep: list) -> float:
 def fit_spectrum(
     windows: list[Window],
     molecules: list,
-    method: str = "random+slsqp",
+    method: str = "auto",
     loss: str = "pm",
     n_init: int = 50,
     seed: int = 0,
@@ -535,11 +619,15 @@ def fit_spectrum(
     Args:
         windows: observed windows (observed frame); the losses of the windows add up.
         molecules: lte.Molecule list; their intensities are summed.
-        method: a key of METHODS. loss: "pm" or "chi2". n_init: random starts.
+        method: a key of METHODS, or "auto": nn+slsqp when a policy is available (`policy`, or
+            data/policy.pt), else random+slsqp (said in the result's "note").
+        loss: "pm" or "chi2". n_init: random starts, or policy samples for the nn methods.
         seed: seeds all draws; the result is deterministic for a seed.
         bounds, fix: see make_box. v_lsr_kms: systemic velocity (nu_rest = nu_obs (1 + v / c)).
         dish_m: single-dish diameter; eta is then the value at the data centre (§2).
-        policy: reserved for the nn methods. pso_restarts: independent swarms for "pso".
+        policy: path of a policy file, or a loaded (net, model config); None = data/policy.pt.
+            A spectrum outside what it was trained on falls back to random starts (the result's
+            "fallback" says why). pso_restarts: independent swarms for "pso".
 
     Returns:
         dict: params, errors, error_notes ({mol: {name: ...}}), loss, nfev (the fit's forward-model
@@ -551,6 +639,7 @@ def fit_spectrum(
         ValueError: unknown method or loss, no or duplicate molecules, nothing free to fit.
     """
     t0 = time.perf_counter()
+    method, note = resolve_method(method, policy)
     if method not in METHODS or loss not in LOSSES:
         raise ValueError(
             f"method {method!r} / loss {loss!r}: expected one of "
@@ -578,7 +667,16 @@ def fit_spectrum(
 
     rng = np.random.default_rng(seed)
     n_free = int(box["free"].sum())
-    u, best, nfev, status = METHODS[method](objective, n_free, n_init, rng, n_restarts=pso_restarts)
+    kw, fallback = {}, ""
+    if method.startswith("nn"):
+        propose, fallback = policy_sampler(policy or DEFAULT_POLICY, prep, molecules, box, seed)
+        if propose is None:  # outside what the network knows: random starts, same refinement
+            method = method.replace("nn", "random") if "+" in method else "random+slsqp"
+        else:
+            kw["propose"] = propose
+    u, best, nfev, status = METHODS[method](
+        objective, n_free, n_init, rng, n_restarts=pso_restarts, **kw
+    )
     free_names = [n for n, f in zip(box["names"], box["free"]) if f]
     sigma_u, notes_u, nfev_err = gauss_newton_errors(resid, u, free_names)
 
@@ -605,6 +703,8 @@ def fit_spectrum(
         status=status if np.isfinite(best) else "non-finite loss",
         method=method,
         loss_name=loss,
+        note=note,
+        fallback=fallback,
     )
     for i, reason in notes.items():
         result["error_notes"][names[i // 5]][PARAM_NAMES[i % 5]] = reason
@@ -811,8 +911,12 @@ def main(cfg: Config) -> dict:
         fix,
         cfg.v_lsr,
         dish,
+        policy=cfg.policy or None,
         pso_restarts=cfg.pso_restarts,
     )
+    for key in ("note", "fallback"):
+        if res[key]:
+            print(f"{key}: {res[key]}", file=sys.stderr)
     # --- save ---
     for name in res["params"]:
         for p in PARAM_NAMES:
@@ -850,7 +954,7 @@ def main(cfg: Config) -> dict:
             json.dump(out, fh, indent=2)
     if cfg.plot:
         models = model_windows(windows, molecules, res["params"], cfg.v_lsr, dish)
-        title = f"{'+'.join(cfg.mol)}: {cfg.method}, loss={cfg.loss} ({res['loss']:.4g})"
+        title = f"{'+'.join(cfg.mol)}: {res['method']}, loss={cfg.loss} ({res['loss']:.4g})"
         plot_fit(cfg.plot, windows, models, title)
     return res
 

@@ -328,7 +328,6 @@ def test_joint_fit_of_two_molecules_with_a_single_dish(ch3oh):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(method="nn+slsqp"), "trained policy"),
         (dict(method="bfgs"), "method 'bfgs'"),
         (dict(loss="l1"), "loss 'l1'"),
         (dict(fix=dict(zip(st.PARAM_NAMES, [0.5, 100, 1e15, 1, 0]))), "every parameter is fixed"),
@@ -337,6 +336,14 @@ def test_joint_fit_of_two_molecules_with_a_single_dish(ch3oh):
 def test_fit_spectrum_rejects_bad_arguments(ch3oh, kw, match):
     with pytest.raises(ValueError, match=match):
         st.fit_spectrum(synthetic(ch3oh, CASES["thick"]), [ch3oh], **kw)
+
+
+def test_nn_methods_need_a_policy_file_and_auto_falls_back(ch3oh, tmp_path):
+    windows = synthetic(ch3oh, CASES["thick"])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        st.fit_spectrum(windows, [ch3oh], method="nn+slsqp", policy=tmp_path / "none.pt")
+    res = st.fit_spectrum(windows, [ch3oh], method="auto", policy=tmp_path / "none.pt", n_init=5)
+    assert res["method"] == "random+slsqp" and "no policy" in res["note"]
 
 
 def test_fit_spectrum_rejects_bad_molecules_and_windows(ch3oh):
@@ -403,7 +410,7 @@ def test_cli_bad_input_gives_one_line_errors(spec_file, tmp_path, capsys):
         (fit + ["--bounds", "T_ex=100:10"], "must be below high"),
         (fit + ["--bounds", "T_ex=100"], "expected [MOL:]NAME=LO:HI"),
         (fit + ["--fix", "Tex=100"], "unknown parameter 'Tex'"),
-        (fit + ["--method", "nn"], "trained policy"),
+        (fit + ["--method", "nn", "--policy", str(tmp_path / "none.pt")], "not found"),
         (fit + ["--beam_arcsec", "1", "--dish_m", "12"], "not both"),
         (["fit", str(spec_file)], "no molecule"),
         (["fit", "--mol", "CH3OH"], "no SPEC file"),
@@ -430,3 +437,39 @@ def test_real_windows_rms_and_a_quick_ch3oh_fit(shared_data, ch3oh):
     res = st.fit_spectrum(windows, [ch3oh], loss="pm", n_init=200, v_lsr_kms=2.7, bounds=bounds)
     p = res["params"]["CH3OH"]
     assert abs(p["v_off"]) < 1 and 0.5 < p["delta_v"] < 2 and res["loss"] < 0
+
+
+# --- the network-guided methods (§7), with a tiny untrained policy ---
+
+
+@pytest.fixture
+def tiny_policy(tmp_path):
+    torch = pytest.importorskip("torch")
+    import model
+
+    torch.manual_seed(0)
+    cfg = model.ModelConfig(d_model=16, n_heads=2, n_layers=1, ff_hidden=16, patch_channels=4,
+                            max_tokens=16, bins=4, hidden_features=(16,))  # fmt: skip
+    path = tmp_path / "tiny.pt"
+    model.save_policy(path, model.PolicyNet(cfg), cfg)
+    return path
+
+
+def test_nn_methods_count_samples_and_refine(ch3oh, tiny_policy):
+    windows = synthetic(ch3oh, CASES["thick"])
+    raw = st.fit_spectrum(windows, [ch3oh], method="nn", policy=tiny_policy, n_init=7, loss="chi2")
+    assert raw["method"] == "nn" and raw["nfev"] == 7 and raw["fallback"] == ""
+    again = st.fit_spectrum(
+        windows, [ch3oh], method="nn", policy=tiny_policy, n_init=7, loss="chi2"
+    )
+    assert again["loss"] == raw["loss"]  # deterministic for a seed
+    refined = st.fit_spectrum(windows, [ch3oh], method="nn+slsqp", policy=tiny_policy, n_init=7,
+                              loss="chi2")  # fmt: skip
+    assert refined["nfev"] > 7 and refined["loss"] <= raw["loss"]
+
+
+def test_nn_falls_back_outside_the_training_box(ch3oh, tiny_policy):
+    windows = synthetic(ch3oh, CASES["thick"])
+    res = st.fit_spectrum(windows, [ch3oh], method="nn+slsqp", policy=tiny_policy, n_init=5,
+                          loss="chi2", bounds={"v_off": (-40.0, 40.0)})  # fmt: skip
+    assert res["method"] == "random+slsqp" and "beyond the box" in res["fallback"]
