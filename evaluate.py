@@ -28,17 +28,18 @@ SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 @dataclasses.dataclass
 class Config:
-    out: str = "runs/eval"  # output folder: results.csv, summary.csv, summary.json, figure.png
+    out: str = "runs/eval"  # output folder: config.json, results.csv, summary.csv, figure.png
     n_spectra: int = 200  # synthetic spectra per group
     groups: str = "trained,heldout,real"  # comma list of trained, heldout, real
-    trained: str = "CH3OH,CH3CN,CH3CHO,HCCCN"  # molecules of the training set (synthetic group)
+    trained: str = "CH3OH,CH3CHO,SO2,HC3N,CH3CN"  # molecules of the training set (synthetic group)
     heldout: str = "CH3OCHO,CH3OCH3,C2H3CN"  # molecules never seen in training
     real_mols: str = "CH3OH,SO2,OCS,HC3N"  # molecules fitted on the real windows
     catalog: str = str(SHARED / "catalogs")  # where names other than the bundled CH3OH resolve
     methods: str = "nn,nn+slsqp,nn+nelder-mead,random+slsqp,random+nelder-mead,pso"
     nn_n_init: str = "10,25,50,100"  # N_init values for the network-only method
     n_init: int = 50  # N_init of every other method
-    ref_restarts: int = 3  # particle-swarm restarts of the reference optimum
+    ref_restarts: int = 3  # particle-swarm restarts of the reference optimum (0 = none)
+    inputs: str = ""  # comma list of results.csv files to merge and summarise instead of fitting
     loss: str = "pm"  # pm or chi2
     policy: str = "data/policy.pt"  # trained policy for the nn methods
     window_MHz: float = 250.0  # width of a synthetic window
@@ -115,7 +116,8 @@ def run_case(args) -> list[dict]:
     runs = [(m, cfg.n_init) for m in cfg.methods.split(",") if m != "nn"]
     if "nn" in cfg.methods.split(","):
         runs += [("nn", int(n)) for n in cfg.nn_n_init.split(",")]
-    runs.append(("reference", cfg.n_init))
+    if cfg.ref_restarts > 0:
+        runs.append(("reference", cfg.n_init))
     rows = []
     for method, n_init in runs:
         kw = dict(method="pso", pso_restarts=cfg.ref_restarts) if method == "reference" else {}
@@ -129,16 +131,27 @@ def run_case(args) -> list[dict]:
             rows.append(dict(group=group, case=index, method=method, n_init=n_init, error=str(err)))
             continue
         row = dict(group=group, case=index, molecule=case["mol"].name, method=method,
-                   n_init=n_init, loss=r["loss"], nfev=r["nfev"], time_s=r["time_s"])  # fmt: skip
+                   n_init=n_init, loss=r["loss"], nfev=r["nfev"], time_s=r["time_s"],
+                   used=r["method"], fallback=r["fallback"])  # fmt: skip
         if case["truth"] is not None:
             fit = [r["params"][case["mol"].name][p] for p in spectuner.PARAM_NAMES]
             for name, t, f in zip(spectuner.PARAM_NAMES, case["truth"], fit):
                 row[f"err_{name}"] = np.log10(f / t) if name != "v_off" else f - t
         rows.append(row)
-    ok = [r for r in rows if "loss" in r]
-    L_ref = min(r["loss"] for r in ok)
-    for r in ok:
-        r["rel_loss"] = (r["loss"] - L_ref) / max(abs(L_ref), 1e-12)
+    return rows
+
+
+def relative(rows: list[dict]) -> list[dict]:
+    """rel_loss = (L - L_ref) / |L_ref| with L_ref the best loss of any run on the same case."""
+    best = {}
+    for r in rows:
+        if r.get("loss") not in (None, ""):
+            key = (r["group"], int(r["case"]))
+            best[key] = min(best.get(key, np.inf), float(r["loss"]))
+    for r in rows:
+        if r.get("loss") not in (None, ""):
+            L_ref = best[(r["group"], int(r["case"]))]
+            r["rel_loss"] = (float(r["loss"]) - L_ref) / max(abs(L_ref), 1e-12)
     return rows
 
 
@@ -200,42 +213,68 @@ def parse_config(argv=None) -> Config:
     return Config(**vars(parser.parse_args(argv)))
 
 
-def main(cfg: Config) -> list[dict]:
-    # --- data ---
+def read_rows(paths: str) -> list[dict]:
+    """Rows of earlier results.csv files (same cases: same seed and spectra settings)."""
+    rows = []
+    for path in paths.split(","):
+        with open(path, newline="") as fh:
+            for r in csv.DictReader(fh):
+                r["case"], r["n_init"] = int(r["case"]), int(r["n_init"])
+                for key in ("loss", "nfev", "time_s"):
+                    if r.get(key) not in (None, ""):
+                        r[key] = float(r[key])
+                rows.append({k: v for k, v in r.items() if v != ""})
+    return rows
+
+
+def fit_all(cfg: Config) -> list[dict]:
+    """Make the spectra and fit each with every method; rows of raw results."""
     rng = np.random.default_rng(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    tasks = []
     groups = cfg.groups.split(",")
+    if not set(groups) <= {"trained", "heldout", "real"}:
+        raise ValueError(
+            f"--groups {cfg.groups!r}: expected a comma list of trained, heldout, real"
+        )
     trained = [load(n, cfg) for n in cfg.trained.split(",")]
-    for group in ("trained", "heldout"):
-        if group not in groups:
-            continue
+    tasks = []
+    if "real" in groups:
+        tasks += [("real", i, case, cfg) for i, case in enumerate(real_cases(cfg))]
+    synthetic = {g: [] for g in ("trained", "heldout") if g in groups}
+    for group in synthetic:
         pool = trained if group == "trained" else [load(n, cfg) for n in cfg.heldout.split(",")]
         for i in range(cfg.n_spectra):
             mol = pool[i % len(pool)]
             others = [m for m in trained if m.name != mol.name]
-            tasks.append((group, i, synthetic_case(mol, others, rng, cfg), cfg))
-    if "real" in groups:
-        tasks += [("real", i, case, cfg) for i, case in enumerate(real_cases(cfg))]
-    # --- fits ---
+            synthetic[group].append((group, i, synthetic_case(mol, others, rng, cfg), cfg))
+    tasks += [t for pair in zip(*synthetic.values()) for t in pair]  # groups interleaved
     t0, rows = time.perf_counter(), []
     pool = Pool(cfg.workers) if cfg.workers > 1 else None
-    try:
-        results = pool.imap(run_case, tasks) if pool else map(run_case, tasks)
-        for k, case_rows in enumerate(results):
-            rows += case_rows
-            print(f"done={k + 1}/{len(tasks)} elapsed_s={time.perf_counter() - t0:.0f}", flush=True)
-    finally:
-        if pool:
-            pool.close()
-    # --- save ---
-    fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
-    with open(out / "results.csv", "w", newline="") as fh:
+    fields = ["group", "case", "molecule", "method", "n_init", "loss", "nfev", "time_s", "used",
+              "fallback", "error", *(f"err_{p}" for p in spectuner.PARAM_NAMES)]  # fmt: skip
+    with open(Path(cfg.out) / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fields)
         writer.writeheader()
-        writer.writerows(rows)
+        try:
+            results = pool.imap(run_case, tasks) if pool else map(run_case, tasks)
+            for k, case_rows in enumerate(results):
+                rows += case_rows
+                writer.writerows(case_rows)  # flushed per case: a stopped run keeps its rows
+                fh.flush()
+                print(f"done={k + 1}/{len(tasks)} elapsed_s={time.perf_counter() - t0:.0f}",
+                      flush=True)  # fmt: skip
+        finally:
+            if pool:
+                pool.close()
+    return rows
+
+
+def main(cfg: Config) -> list[dict]:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    # --- fits (written to results.csv as they finish), or earlier results ---
+    rows = relative(read_rows(cfg.inputs) if cfg.inputs else fit_all(cfg))
+    # --- save ---
     summary = summarise(rows)
     with open(out / "summary.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, list(summary[0]))
