@@ -474,21 +474,12 @@ def resolve_method(method: str, policy) -> tuple[str, str]:
     return "random+slsqp", f"no policy at {path}: random+slsqp instead of nn+slsqp"
 
 
-def policy_sampler(policy, prep: list, molecules: list, box: dict, seed: int):
-    """propose(n) -> (n, n_free) unit-cube starts: n samples of the network for each molecule,
-    the i-th samples combined (joint fits), mapped through the training box to this box.
-
-    Returns:
-        (propose, reason): propose is None with a reason when the spectrum is outside what the
-        network was trained on (a molecule with no transition in reach, a box beyond it).
-    """
-    import torch
-
+def _policy_tokens(mcfg, prep: list, molecules: list, box: dict):
+    """Each molecule's tokens for one spectrum, or (None, reason) when the spectrum is outside
+    what the network was trained on (a box beyond the training box, no transition in reach)."""
     import model
 
-    net, mcfg = load_policy(str(policy)) if isinstance(policy, (str, Path)) else policy
-    names = [m.name for m in molecules]
-    train_box = make_box(names)
+    train_box = make_box([m.name for m in molecules])
     if np.any(box["q_lo"] < train_box["q_lo"] - 1e-9) or np.any(
         box["q_hi"] > train_box["q_hi"] + 1e-9
     ):
@@ -502,16 +493,80 @@ def policy_sampler(policy, prep: list, molecules: list, box: dict, seed: int):
         tokens.append(model.make_tokens(wins, table, mcfg))
         if tokens[-1]["spec"].shape[0] == 0:
             return None, f"{mol.name} has no transition in reach of the windows"
-    batch = model.collate(tokens)
+    return tokens, ""
 
-    def propose(n: int) -> np.ndarray:
-        gen = torch.Generator().manual_seed(int(seed))
-        with torch.no_grad():
-            u, _ = net.sample(batch, n, generator=gen)  # (n, n_mol, 5)
-        X = to_physical(u.double().numpy().reshape(n, -1), train_box)
-        return np.clip(to_unit(X, box), 0.0, 1.0)
 
-    return propose, ""
+def _policy_draw(net, token_sets: list, n: int, seed: int, names: list, box: dict) -> np.ndarray:
+    """n network samples for each of S spectra in ONE batched call, the i-th samples of the
+    molecules combined, mapped through the training box to `box`: (n, S, n_free)."""
+    import torch
+
+    import model
+
+    batch = model.collate([t for tokens in token_sets for t in tokens])  # S * n_mol states
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        u, _ = net.sample(batch, n, generator=gen)  # (n, S n_mol, 5)
+    u = u.double().numpy().reshape(n * len(token_sets), 5 * len(names))
+    X = to_physical(u, make_box(names))
+    return np.clip(to_unit(X, box), 0.0, 1.0).reshape(n, len(token_sets), -1)
+
+
+def policy_sampler(policy, prep: list, molecules: list, box: dict, seed: int):
+    """propose(n) -> (n, n_free) unit-cube starts from the network for one spectrum.
+
+    Returns:
+        (propose, reason): propose is None with the reason when the spectrum is outside what
+        the network was trained on.
+    """
+    net, mcfg = load_policy(str(policy)) if isinstance(policy, (str, Path)) else policy
+    tokens, reason = _policy_tokens(mcfg, prep, molecules, box)
+    if tokens is None:
+        return None, reason
+    names = [m.name for m in molecules]
+    return (lambda n: _policy_draw(net, [tokens], n, seed, names, box)[:, 0]), ""
+
+
+def policy_starts(spectra: list, molecules: list, n: int, seed: int = 0, policy=None,
+                  bounds=None, fix=None, v_lsr_kms: float = 0.0) -> list:  # fmt: skip
+    """Network starts for many spectra (e.g. cube pixels) in one batched call of the network.
+
+    Args:
+        spectra: list of window lists (each as for fit_spectrum). n: samples per spectrum.
+        seed: seeds the draw; the same list gives the same starts.
+        policy, bounds, fix, v_lsr_kms: as for fit_spectrum.
+    Returns:
+        per spectrum, an (n, n_free) array of unit-cube starts for fit_spectrum(starts=...), or a
+        string saying why the network cannot propose (fit_spectrum then uses random starts).
+    """
+    net, mcfg = (
+        load_policy(str(policy or DEFAULT_POLICY)) if not isinstance(policy, tuple) else policy
+    )
+    names = [m.name for m in molecules]
+    box = make_box(names, bounds, fix)
+    out, token_sets, where = [], [], []
+    for windows in spectra:
+        try:
+            tokens, reason = _policy_tokens(
+                mcfg, _prepare(windows, molecules, _margin_kms(box), v_lsr_kms), molecules, box
+            )
+        except ValueError as err:
+            tokens, reason = None, str(err)
+        out.append(reason)
+        if tokens is not None:
+            token_sets.append(tokens)
+            where.append(len(out) - 1)
+    if token_sets:
+        draws = _policy_draw(net, token_sets, n, seed, names, box)
+        for j, i in enumerate(where):
+            out[i] = draws[:, j]
+    return out
+
+
+def _margin_kms(box: dict) -> float:
+    """How far (km/s) beyond a window a line can still reach it within the box."""
+    q_v = np.concatenate([box[k][4::5] for k in ("q_lo", "q_hi", "x_fix")])
+    return float(np.nanmax(np.abs(q_v)) + 3 * 10 ** box["q_hi"][3::5].max())
 
 
 # --- uncertainties: Gauss-Newton on chi2 (beyond the reference) ---
@@ -613,6 +668,7 @@ def fit_spectrum(
     dish_m: float | None = None,
     policy=None,
     pso_restarts: int = 1,
+    starts=None,
 ) -> dict:
     """Fit k molecules jointly (5 LTE parameters each) to the windows (§3, §4, §7).
 
@@ -628,6 +684,8 @@ def fit_spectrum(
         policy: path of a policy file, or a loaded (net, model config); None = data/policy.pt.
             A spectrum outside what it was trained on falls back to random starts (the result's
             "fallback" says why). pso_restarts: independent swarms for "pso".
+        starts: for the nn methods, (n_init, n_free) unit-cube starts drawn elsewhere (or the
+            reason string) from policy_starts, which batches the network over many spectra.
 
     Returns:
         dict: params, errors, error_notes ({mol: {name: ...}}), loss, nfev (the fit's forward-model
@@ -651,9 +709,7 @@ def fit_spectrum(
     box = make_box(names, bounds, fix)
     if not box["free"].any():
         raise ValueError("every parameter is fixed: nothing to fit (use the model command)")
-    q_v = np.concatenate([box[k][4::5] for k in ("q_lo", "q_hi", "x_fix")])
-    margin_kms = np.nanmax(np.abs(q_v)) + 3 * 10 ** box["q_hi"][3::5].max()
-    prep = _prepare(windows, molecules, margin_kms, v_lsr_kms)
+    prep = _prepare(windows, molecules, _margin_kms(box), v_lsr_kms)
     nu_ref = _ref_freq(prep) if dish_m else None
     obs = [find_spans(w["T"], w["rms"]) for w in prep]  # observed peaks once (§4)
 
@@ -668,8 +724,13 @@ def fit_spectrum(
     rng = np.random.default_rng(seed)
     n_free = int(box["free"].sum())
     kw, fallback = {}, ""
-    if method.startswith("nn"):
+    if method.startswith("nn") and starts is not None:  # drawn elsewhere (policy_starts)
+        propose, fallback = (
+            (None, starts) if isinstance(starts, str) else (lambda n: starts[:n], "")
+        )
+    elif method.startswith("nn"):
         propose, fallback = policy_sampler(policy or DEFAULT_POLICY, prep, molecules, box, seed)
+    if method.startswith("nn"):
         if propose is None:  # outside what the network knows: random starts, same refinement
             method = method.replace("nn", "random") if "+" in method else "random+slsqp"
         else:

@@ -473,3 +473,17 @@ def test_nn_falls_back_outside_the_training_box(ch3oh, tiny_policy):
     res = st.fit_spectrum(windows, [ch3oh], method="nn+slsqp", policy=tiny_policy, n_init=5,
                           loss="chi2", bounds={"v_off": (-40.0, 40.0)})  # fmt: skip
     assert res["method"] == "random+slsqp" and "beyond the box" in res["fallback"]
+
+
+def test_policy_starts_batch_spectra_and_feed_fit_spectrum(ch3oh, tiny_policy):
+    a, b = synthetic(ch3oh, CASES["thick"]), synthetic(ch3oh, CASES["narrow"])
+    far = [st.Window(np.linspace(90000, 90010, 50), np.zeros(50), 0.1)]  # no CH3OH line
+    starts = st.policy_starts([a, far, b], [ch3oh], n=6, seed=1, policy=tiny_policy)
+    assert starts[0].shape == (6, 5) and starts[2].shape == (6, 5)
+    assert isinstance(starts[1], str) and "no line" in starts[1]
+    assert np.all((starts[0] >= 0) & (starts[0] <= 1))
+    assert np.array_equal(starts[0], st.policy_starts([a, far, b], [ch3oh], 6, 1, tiny_policy)[0])
+    res = st.fit_spectrum(a, [ch3oh], method="nn", starts=starts[0], n_init=6, loss="chi2")
+    assert res["nfev"] == 6 and res["method"] == "nn"
+    fall = st.fit_spectrum(a, [ch3oh], method="nn+slsqp", starts=starts[1], n_init=6, loss="chi2")
+    assert fall["method"] == "random+slsqp" and fall["fallback"] == starts[1]
