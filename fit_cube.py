@@ -31,7 +31,7 @@ import sys
 import time
 import uuid
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -53,7 +53,9 @@ class Config:
     cube: str = ""  # input FITS cube (positional)
     mol: list[str] = field(default_factory=list)  # molecules (names or .cat paths), fitted jointly
     catalog: str = ""  # catalogue file or folder for every --mol; "" = lte's bundled default
-    method: str = "random+slsqp"  # random+slsqp, random+nelder-mead, pso, nn, nn+slsqp, ...
+    method: str = "auto"  # auto (nn+slsqp if a policy exists, else random+slsqp), nn, nn+slsqp,
+    # nn+nelder-mead, random+slsqp, random+nelder-mead, pso
+    policy: str = ""  # policy file for the nn methods; "" = data/policy.pt
     loss: str = "pm"  # pm (peak matching) or chi2
     n_init: int = 50  # random starts (policy samples for nn methods) per pixel
     bounds: list[str] = field(default_factory=list)  # [MOL:]NAME=LO:HI, physical units
@@ -100,7 +102,7 @@ UNITS = {"k": ("K", 1.0), "kelvin": ("K", 1.0), "mk": ("K", 1e-3), "jy/beam": ("
 V_LSR_KEYS = ("VELO-LSR", "VLSR", "VSYS")  # header keywords for the systemic velocity, m/s
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 RESUME_KEYS = tuple(  # options a resumed run must share with the run it continues
-    "mol catalog method loss n_init bounds fix v_lsr dish_m continuum rms bunit min_peaks "
+    "mol catalog method policy loss n_init bounds fix v_lsr dish_m continuum rms bunit min_peaks "
     "peak_snr min_channels seed".split()
 )
 
@@ -300,8 +302,22 @@ def pixel_windows(S: dict, y: int, x: int, rms: float) -> list:
     return out
 
 
-def fit_pixel(S: dict, y: int, x: int) -> dict:
-    """Noise, selection and fit of pixel (y, x); a fit that raises becomes status 5."""
+def pixel_seed(S: dict, y: int, x: int) -> int:
+    """The pixel's seed: a function of (cfg.seed, y, x) only, whatever the workers."""
+    return int(np.random.SeedSequence([S["seed"], y, x]).generate_state(1)[0])
+
+
+def pixel_rms(S: dict, y: int, x: int, spec: np.ndarray) -> float:
+    """Noise of the pixel: the --rms value or map, else a robust estimate from its channels."""
+    ok = np.isfinite(spec)
+    return S["rms"][y, x] if S["rms"] is not None else spectuner.estimate_rms(spec[ok])
+
+
+def fit_pixel(S: dict, y: int, x: int, starts=None) -> dict:
+    """Noise, selection and fit of pixel (y, x); a fit that raises becomes status 5.
+
+    starts: the network's starts for this pixel (nn methods), drawn in the parent in batches.
+    """
     n_par = 5 * len(S["mols"])
     nan = np.full(n_par, np.nan)
     rec = dict(y=y, x=x, code=0, reason="", rms=np.nan, n_peaks=0, loss=np.nan, nfev=0,
@@ -310,7 +326,7 @@ def fit_pixel(S: dict, y: int, x: int) -> dict:
     ok = np.isfinite(spec)
     if not ok.any():
         return rec | dict(code=2, reason="no finite channel")
-    rec["rms"] = S["rms"][y, x] if S["rms"] is not None else spectuner.estimate_rms(spec[ok])
+    rec["rms"] = pixel_rms(S, y, x, spec)
     if not rec["rms"] > 0 or not np.isfinite(S["T_bg"][y, x]):
         return rec | dict(code=3, reason=f"rms={rec['rms']:.3g} T_bg={S['T_bg'][y, x]:.3g}")
     level = S["peak_snr"] * rec["rms"]
@@ -319,10 +335,10 @@ def fit_pixel(S: dict, y: int, x: int) -> dict:
                          for a, b in runs)  # fmt: skip
     if rec["n_peaks"] < S["min_peaks"]:
         return rec | dict(code=4, reason=f"{rec['n_peaks']} peaks")
-    seed = int(np.random.SeedSequence([S["seed"], y, x]).generate_state(1)[0])
+    seed = pixel_seed(S, y, x)
     try:
         res = spectuner.fit_spectrum(pixel_windows(S, y, x, rec["rms"]), S["mols"], seed=seed,
-                                     **S["fit_kwargs"])  # fmt: skip
+                                     starts=starts, **S["fit_kwargs"])  # fmt: skip
     except Exception as err:  # recorded per pixel and counted; the run goes on
         names = [m.name for m in S["mols"]]
         reason = f"{type(err).__name__}: {err} [pixel (y, x)=({y}, {x}) mol={names} seed={seed}]"
@@ -336,12 +352,39 @@ def fit_pixel(S: dict, y: int, x: int) -> dict:
 
 
 def fit_batch(pixels: list) -> list[dict]:
-    """Worker task: fit the pixels [(y, x), ...] with the data from the initializer."""
+    """Worker task: fit the pixels [(y, x) or (y, x, starts), ...] with the initializer's data."""
     out = []
-    for y, x in pixels:
+    for y, x, *starts in pixels:
         t0 = time.process_time()  # CPU seconds of this one-thread process: robust to load
-        out.append(fit_pixel(_SHARED, y, x) | dict(cpu_s=time.process_time() - t0))
+        rec = fit_pixel(_SHARED, y, x, *starts)
+        out.append(rec | dict(cpu_s=time.process_time() - t0))
     return out
+
+
+def with_network_starts(S: dict, pixels: list, todo: set, size: int, policy, chunk: int = 64):
+    """Yield batches of `size` todo pixels, each with its network starts (nn methods, §7).
+
+    The parent runs the network over `chunk` pixels at a time (one batched encoder call) while
+    the workers fit the batches already handed out. Chunks are fixed blocks of all selected
+    `pixels` (done ones included), so a resumed run draws exactly the same starts.
+    """
+    kw = S["fit_kwargs"]
+    for i in range(0, len(pixels), chunk):
+        block = pixels[i : i + chunk]
+        if not todo.intersection(block):
+            continue
+        spectra, seeds = [], []
+        for y, x in block:
+            spec = S["data"][:, y, x].astype(float)
+            rms = pixel_rms(S, y, x, spec) if np.isfinite(spec).any() else np.nan
+            usable = np.isfinite(rms) and rms > 0
+            spectra.append(pixel_windows(S, y, x, rms) if usable else [])  # [] -> a reason
+            seeds.append(pixel_seed(S, y, x))
+        starts = spectuner.policy_starts(spectra, S["mols"], kw["n_init"], seeds, policy,
+                                         kw["bounds"], kw["fix"], kw["v_lsr_kms"])  # fmt: skip
+        mine = [(y, x, st) for (y, x), st in zip(block, starts) if (y, x) in todo]
+        for k in range(0, len(mine), size):
+            yield mine[k : k + size]
 
 
 def fit_batch_dask(shared: dict, pixels: list) -> list[dict]:
@@ -390,7 +433,13 @@ def run_pool(shared: dict, batches: list, cfg: Config):
     os.environ.update({k: "1" for k in THREAD_VARS})  # inherited by the spawned workers
     pool = ProcessPoolExecutor(cfg.workers, get_context("spawn"), _init_worker, (shared,))
     try:
-        for future in as_completed([pool.submit(fit_batch, b) for b in batches]):
+        pending = set()
+        for b in batches:  # a generator may still be drawing network starts: keep workers fed
+            pending.add(pool.submit(fit_batch, b))
+            while len(pending) >= 4 * cfg.workers:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from (f.result() for f in done)
+        for future in as_completed(pending):
             yield future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -638,6 +687,10 @@ def main(cfg: Config) -> dict:
     # --- data ---
     if not cfg.mol:
         raise ValueError("no molecule: give --mol NAME (e.g. --mol CH3OH)")
+    method, note = spectuner.resolve_method(cfg.method, cfg.policy or None)
+    if note:
+        log(f"note: {note}")
+    cfg = dataclasses.replace(cfg, method=method)
     if cfg.method not in spectuner.METHODS or cfg.loss not in spectuner.LOSSES:
         raise ValueError(f"--method {cfg.method!r} / --loss {cfg.loss!r}: expected one of "
                          f"{sorted(spectuner.METHODS)} / {sorted(spectuner.LOSSES)}")  # fmt: skip
@@ -681,7 +734,8 @@ def main(cfg: Config) -> dict:
     fix = spectuner.parse_assignments(cfg.fix, ranged=False)
     spectuner.make_box([m.name for m in mols], bounds, fix)  # bad names raise here, not per pixel
     fit_kwargs = dict(method=cfg.method, loss=cfg.loss, n_init=cfg.n_init, bounds=bounds,
-                      fix=fix, v_lsr_kms=v_lsr, dish_m=cfg.dish_m or None)  # fmt: skip
+                      fix=fix, v_lsr_kms=v_lsr, dish_m=cfg.dish_m or None,
+                      policy=cfg.policy or None)  # fmt: skip
     beams = cube["beam_arcsec"]
     S = dict(token=uuid.uuid4().hex, data=cube["data"], freq_MHz=cube["freq_MHz"],
              K_per_unit=cube["K_per_unit"], T_bg=T_bg, rms=rms, mols=mols, fit_kwargs=fit_kwargs,
@@ -707,6 +761,11 @@ def main(cfg: Config) -> dict:
     todo = [tuple(map(int, p)) for p in np.argwhere(selected & ~is_done)]
     size = max(1, min(4, len(todo) // (8 * workers)))  # small tasks: Ctrl-C waits <= 4 fits
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+    if cfg.method.startswith("nn") and batches:  # the network runs here, in batches of pixels
+        policy = cfg.policy or spectuner.DEFAULT_POLICY
+        spectuner.load_policy(str(policy))  # a missing file stops the run here, not per pixel
+        pixels = [tuple(map(int, p)) for p in np.argwhere(selected)]
+        batches = with_network_starts(S, pixels, set(todo), size, policy)
     kind = "dask" if cfg.scheduler else ("pool" if workers > 1 else "inprocess")
     log(f"pixels={int(selected.sum())} done_before={int(is_done.sum())} todo={len(todo)} "
         f"runner={kind} workers={workers} mol={cfg.mol} method={cfg.method}")  # fmt: skip

@@ -496,18 +496,23 @@ def _policy_tokens(mcfg, prep: list, molecules: list, box: dict):
     return tokens, ""
 
 
-def _policy_draw(net, token_sets: list, n: int, seed: int, names: list, box: dict) -> np.ndarray:
-    """n network samples for each of S spectra in ONE batched call, the i-th samples of the
-    molecules combined, mapped through the training box to `box`: (n, S, n_free)."""
+def _policy_draw(net, token_sets: list, n: int, seeds: list, names: list, box: dict) -> np.ndarray:
+    """n network samples for each of S spectra, the i-th samples of the molecules combined and
+    mapped through the training box to `box`: (n, S, n_free). The encoder runs once over all
+    spectra (batched); each spectrum's samples come from its own seed, so they do not depend on
+    which other spectra share the batch."""
     import torch
 
     import model
 
-    batch = model.collate([t for tokens in token_sets for t in tokens])  # S * n_mol states
-    gen = torch.Generator().manual_seed(int(seed))
+    k = len(names)
+    batch = model.collate([t for tokens in token_sets for t in tokens])  # S * k states
     with torch.no_grad():
-        u, _ = net.sample(batch, n, generator=gen)  # (n, S n_mol, 5)
-    u = u.double().numpy().reshape(n * len(token_sets), 5 * len(names))
+        context = net(batch)  # (S k, D)
+        u = [net.flow.sample(context[i * k : (i + 1) * k], n,
+                             torch.Generator().manual_seed(int(seed)))[0]
+             for i, seed in enumerate(seeds)]  # fmt: skip
+    u = torch.stack(u, 1).double().numpy().reshape(n * len(token_sets), 5 * k)  # (n S, 5 k)
     X = to_physical(u, make_box(names))
     return np.clip(to_unit(X, box), 0.0, 1.0).reshape(n, len(token_sets), -1)
 
@@ -524,16 +529,16 @@ def policy_sampler(policy, prep: list, molecules: list, box: dict, seed: int):
     if tokens is None:
         return None, reason
     names = [m.name for m in molecules]
-    return (lambda n: _policy_draw(net, [tokens], n, seed, names, box)[:, 0]), ""
+    return (lambda n: _policy_draw(net, [tokens], n, [seed], names, box)[:, 0]), ""
 
 
-def policy_starts(spectra: list, molecules: list, n: int, seed: int = 0, policy=None,
+def policy_starts(spectra: list, molecules: list, n: int, seeds, policy=None,
                   bounds=None, fix=None, v_lsr_kms: float = 0.0) -> list:  # fmt: skip
     """Network starts for many spectra (e.g. cube pixels) in one batched call of the network.
 
     Args:
         spectra: list of window lists (each as for fit_spectrum). n: samples per spectrum.
-        seed: seeds the draw; the same list gives the same starts.
+        seeds: one seed per spectrum (as fit_spectrum's seed: the same starts as it would draw).
         policy, bounds, fix, v_lsr_kms: as for fit_spectrum.
     Returns:
         per spectrum, an (n, n_free) array of unit-cube starts for fit_spectrum(starts=...), or a
@@ -545,6 +550,7 @@ def policy_starts(spectra: list, molecules: list, n: int, seed: int = 0, policy=
     names = [m.name for m in molecules]
     box = make_box(names, bounds, fix)
     out, token_sets, where = [], [], []
+    seeds = np.broadcast_to(seeds, len(spectra))
     for windows in spectra:
         try:
             tokens, reason = _policy_tokens(
@@ -557,7 +563,7 @@ def policy_starts(spectra: list, molecules: list, n: int, seed: int = 0, policy=
             token_sets.append(tokens)
             where.append(len(out) - 1)
     if token_sets:
-        draws = _policy_draw(net, token_sets, n, seed, names, box)
+        draws = _policy_draw(net, token_sets, n, [seeds[i] for i in where], names, box)
         for j, i in enumerate(where):
             out[i] = draws[:, j]
     return out

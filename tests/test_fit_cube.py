@@ -368,3 +368,14 @@ def test_demo_cube_is_reproducible_and_recovered(tmp_path):
         & (np.abs(fit["v_off"] - truth["v_off"]) < 0.15)
     )
     assert (good & ok).sum() >= 0.9 * ok.sum()
+
+
+def test_nn_method_needs_its_policy_file(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        fit_cube.main(config(tiny, tmp_path, method="nn+slsqp", policy=str(tmp_path / "no.pt")))
+
+
+def test_auto_method_without_policy_falls_back_to_random(tiny, tmp_path):
+    cfg = config(tiny, tmp_path, policy=str(tmp_path / "no.pt"), region="0:1,0:1")
+    summary = fit_cube.main(cfg)
+    assert summary["config"]["method"] == "random+slsqp"

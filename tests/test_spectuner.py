@@ -478,12 +478,16 @@ def test_nn_falls_back_outside_the_training_box(ch3oh, tiny_policy):
 def test_policy_starts_batch_spectra_and_feed_fit_spectrum(ch3oh, tiny_policy):
     a, b = synthetic(ch3oh, CASES["thick"]), synthetic(ch3oh, CASES["narrow"])
     far = [st.Window(np.linspace(90000, 90010, 50), np.zeros(50), 0.1)]  # no CH3OH line
-    starts = st.policy_starts([a, far, b], [ch3oh], n=6, seed=1, policy=tiny_policy)
+    starts = st.policy_starts([a, far, b], [ch3oh], n=6, seeds=[1, 2, 3], policy=tiny_policy)
     assert starts[0].shape == (6, 5) and starts[2].shape == (6, 5)
     assert isinstance(starts[1], str) and "no line" in starts[1]
     assert np.all((starts[0] >= 0) & (starts[0] <= 1))
-    assert np.array_equal(starts[0], st.policy_starts([a, far, b], [ch3oh], 6, 1, tiny_policy)[0])
+    alone = st.policy_starts([a], [ch3oh], 6, [1], tiny_policy)[0]  # batch-independent
+    assert np.allclose(starts[0], alone, atol=1e-6)
     res = st.fit_spectrum(a, [ch3oh], method="nn", starts=starts[0], n_init=6, loss="chi2")
+    own = st.fit_spectrum(a, [ch3oh], method="nn", n_init=6, loss="chi2", seed=1,
+                          policy=tiny_policy)  # fmt: skip
     assert res["nfev"] == 6 and res["method"] == "nn"
+    assert res["loss"] == pytest.approx(own["loss"], rel=1e-6)  # the starts it draws itself
     fall = st.fit_spectrum(a, [ch3oh], method="nn+slsqp", starts=starts[1], n_init=6, loss="chi2")
     assert fall["method"] == "random+slsqp" and fall["fallback"] == starts[1]
