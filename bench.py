@@ -117,7 +117,8 @@ def bench_cube() -> None:
     import tempfile
 
     script = str(Path(__file__).resolve().parent / "fit_cube.py")
-    runs = [("random+slsqp", ""), ("random+nelder-mead", "10:20,10:20"), ("pso", "13:17,13:17")]
+    runs = [("random+slsqp", ""), ("nn+slsqp", ""), ("random+nelder-mead", "10:20,10:20"),
+            ("pso", "13:17,13:17")]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         cube = str(Path(tmp) / "bench_cube.fits")
         subprocess.run([sys.executable, script, "make_demo", cube, "30", "2000"], check=True)
