@@ -500,7 +500,9 @@ def _policy_draw(net, token_sets: list, n: int, seeds: list, names: list, box: d
     """n network samples for each of S spectra, the i-th samples of the molecules combined and
     mapped through the training box to `box`: (n, S, n_free). The encoder runs once over all
     spectra (batched); each spectrum's samples come from its own seed, so they do not depend on
-    which other spectra share the batch."""
+    which other spectra share the batch. Samples that fall outside a `box` narrower than the
+    training box are replaced by uniform draws inside it (clipping would pile them on its faces).
+    """
     import torch
 
     import model
@@ -513,8 +515,11 @@ def _policy_draw(net, token_sets: list, n: int, seeds: list, names: list, box: d
                              torch.Generator().manual_seed(int(seed)))[0]
              for i, seed in enumerate(seeds)]  # fmt: skip
     u = torch.stack(u, 1).double().numpy().reshape(n * len(token_sets), 5 * k)  # (n S, 5 k)
-    X = to_physical(u, make_box(names))
-    return np.clip(to_unit(X, box), 0.0, 1.0).reshape(n, len(token_sets), -1)
+    U = to_unit(to_physical(u, make_box(names)), box).reshape(n, len(token_sets), -1)
+    for i, seed in enumerate(seeds):  # samples outside a narrower user box: uniform in it (ours)
+        out = np.any((U[:, i] < 0) | (U[:, i] > 1), axis=1)
+        U[out, i] = np.random.default_rng(int(seed)).random((n, U.shape[2]))[out]
+    return U
 
 
 def policy_sampler(policy, prep: list, molecules: list, box: dict, seed: int):

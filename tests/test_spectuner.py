@@ -434,7 +434,7 @@ def test_real_windows_rms_and_a_quick_ch3oh_fit(shared_data, ch3oh):
         assert w.rms_K == pytest.approx(float(r["rms_K"]), rel=0.3)
     windows = [w._replace(rms_K=float(r["rms_K"])) for w, r in zip(windows, rows)]
     bounds = {"v_off": (-3, 3), "delta_v": (0.3, 5)}  # a quick fit: the full box needs pso
-    res = st.fit_spectrum(windows, [ch3oh], loss="pm", n_init=200, v_lsr_kms=2.7, bounds=bounds)
+    res = st.fit_spectrum(windows, [ch3oh], "random+slsqp", "pm", 200, v_lsr_kms=2.7, bounds=bounds)
     p = res["params"]["CH3OH"]
     assert abs(p["v_off"]) < 1 and 0.5 < p["delta_v"] < 2 and res["loss"] < 0
 
@@ -491,3 +491,13 @@ def test_policy_starts_batch_spectra_and_feed_fit_spectrum(ch3oh, tiny_policy):
     assert res["loss"] == pytest.approx(own["loss"], rel=1e-6)  # the starts it draws itself
     fall = st.fit_spectrum(a, [ch3oh], method="nn+slsqp", starts=starts[1], n_init=6, loss="chi2")
     assert fall["method"] == "random+slsqp" and fall["fallback"] == starts[1]
+
+
+def test_policy_samples_outside_narrow_bounds_are_redrawn_inside(ch3oh, tiny_policy):
+    a = synthetic(ch3oh, CASES["thick"])
+    bounds = {"v_off": (1.0, 1.2), "delta_v": (1.9, 2.1)}
+    starts = st.policy_starts([a], [ch3oh], 40, [0], tiny_policy, bounds=bounds)[0]
+    assert np.all((starts >= 0) & (starts <= 1))
+    faces = np.isclose(starts, 0) | np.isclose(starts, 1)
+    assert not faces[:, 3:].all(axis=0).any()  # not piled on a face of the narrow box
+    assert np.unique(np.round(starts[:, 4], 6)).size > 20
