@@ -8,6 +8,7 @@ import pytest
 from scipy.integrate import trapezoid
 
 import lte
+import optimise
 import spectuner as st
 
 
@@ -157,7 +158,7 @@ def bowl(U):
     return np.sum((U - [0.3, 0.7, 0.5, 0.2]) ** 2 * [1, 2, 3, 4], axis=1)
 
 
-@pytest.mark.parametrize("local", [st.refine_slsqp, st.refine_nelder_mead])
+@pytest.mark.parametrize("local", [optimise.refine_slsqp, optimise.refine_nelder_mead])
 def test_local_optimisers_find_the_minimum_and_count_exactly(local):
     f = Counter(bowl)
     u, loss, nfev, status = st.run_random_local(f, 4, 20, np.random.default_rng(0), local=local)
@@ -168,19 +169,19 @@ def test_local_optimisers_find_the_minimum_and_count_exactly(local):
 def test_slsqp_gradient_is_one_batched_call_and_no_point_twice():
     f = Counter(bowl)
     u0 = np.full(4, 0.9)
-    st.refine_slsqp(f, u0, float(bowl(u0[None])[0]))
+    optimise.refine_slsqp(f, u0, float(bowl(u0[None])[0]))
     assert set(f.calls) <= {1, 4, 5} and 4 in f.calls  # a value, or a whole gradient
     assert len(set(f.rows)) == len(f.rows)
 
 
 def test_local_refinement_keeps_the_start_when_it_is_better():
     u0 = np.array([0.3, 0.7, 0.5, 0.2])
-    u, loss, _, _ = st.refine_nelder_mead(bowl, u0 + 0.1, -1.0)  # pretend the start was best
+    u, loss, _, _ = optimise.refine_nelder_mead(bowl, u0 + 0.1, -1.0)  # pretend the start was best
     assert loss == -1.0 and np.allclose(u, u0 + 0.1)
 
 
 def test_reflect():
-    X, V = st.reflect(np.array([1.2, -0.3, 2.5, 0.4]), np.ones(4))
+    X, V = optimise.reflect(np.array([1.2, -0.3, 2.5, 0.4]), np.ones(4))
     assert np.allclose(X, [0.8, 0.3, 0.5, 0.4]) and np.allclose(V, [-1, -1, 1, 1])
 
 
@@ -196,7 +197,7 @@ def test_pso_finds_the_global_minimum_of_a_multimodal_function():
 
 
 def test_pso_cycle_limits():
-    u, loss, nfev, status = st.pso(lambda U: np.ones(len(U)), 3, np.random.default_rng(0))
+    u, loss, nfev, status = optimise.pso(lambda U: np.ones(len(U)), 3, np.random.default_rng(0))
     assert nfev == 28 * 101 and status == "ok"  # flat: stops at the minimum of 100 cycles
     state = {"best": 1.0}
 
@@ -204,7 +205,7 @@ def test_pso_cycle_limits():
         state["best"] *= 0.5
         return np.full(len(U), state["best"])
 
-    u, loss, nfev, status = st.pso(improving, 3, np.random.default_rng(0), max_cycles=120)
+    u, loss, nfev, status = optimise.pso(improving, 3, np.random.default_rng(0), max_cycles=120)
     assert nfev == 28 * 121 and status == "maxiter"
 
 
@@ -213,12 +214,14 @@ def test_pso_cycle_limits():
 
 def test_gauss_newton_errors_linear_model():
     A = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 2.0, 0.0], [1.0, 3.0, 0.0]])
-    sigma, notes, nfev = st.gauss_newton_errors(lambda U: U @ A.T - 1.0, np.full(3, 0.5), "abc")
+    sigma, notes, nfev = optimise.gauss_newton_errors(
+        lambda U: U @ A.T - 1.0, np.full(3, 0.5), "abc"
+    )
     cov = np.linalg.inv(A[:, :2].T @ A[:, :2])
     assert np.allclose(sigma[:2], np.sqrt(np.diag(cov)), rtol=1e-6) and nfev == 4
     assert np.isnan(sigma[2]) and notes == {2: "no effect on the model"}
     A[:, 2] = A[:, 1]  # b and c enter only as b + c
-    sigma, notes, _ = st.gauss_newton_errors(lambda U: U @ A.T, np.full(3, 0.5), "abc")
+    sigma, notes, _ = optimise.gauss_newton_errors(lambda U: U @ A.T, np.full(3, 0.5), "abc")
     assert np.isfinite(sigma[0]) and np.isnan(sigma[1:]).all() and "degenerate with c" in notes[1]
 
 
