@@ -581,13 +581,13 @@ def fit_spectrum(
     rng = np.random.default_rng(seed)
     n_free = int(box["free"].sum())
     kw, fallback = {}, ""
-    if method.startswith("nn") and starts is not None:  # drawn elsewhere (policy_starts)
-        propose, fallback = (
-            (None, starts) if isinstance(starts, str) else (lambda n: starts[:n], "")
-        )
-    elif method.startswith("nn"):
-        propose, fallback = policy_sampler(policy or DEFAULT_POLICY, prep, molecules, box, seed)
     if method.startswith("nn"):
+        if starts is None:
+            propose, fallback = policy_sampler(policy or DEFAULT_POLICY, prep, molecules, box, seed)
+        elif isinstance(starts, str):  # policy_starts said why the network cannot propose
+            propose, fallback = None, starts
+        else:
+            propose = lambda n: starts[:n]  # noqa: E731  drawn elsewhere (policy_starts)
         if propose is None:  # outside what the network knows: random starts, same refinement
             method = method.replace("nn", "random") if "+" in method else "random+slsqp"
         else:
