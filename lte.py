@@ -505,14 +505,16 @@ def _unknown(name, known, where) -> str:
     return f"unknown molecule '{name}' in {where}; closest names: {close or sorted(known)[:10]}"
 
 
-def _tables_in(folder: Path) -> dict:
-    """Partition tables by tag from every partfunc/catdir file under folder (Q wins over names)."""
+def _tables_in(*folders: Path) -> dict:
+    """Partition tables by tag from every partfunc/catdir file under the folders, in order: the
+    first row with Q for a tag wins; name-only rows (a CDMS catdir) fill the gaps."""
     tables = {}
-    for path in sorted(folder.rglob("*.cat*")):
-        if re.search(r"partfunc|catdir", path.name):
-            for tag, (name, T, q) in read_partition_tables(path).items():
-                if tag not in tables or (len(T) and not len(tables[tag][1])):
-                    tables[tag] = (name, T, q)
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*.cat*")):
+            if re.search(r"partfunc|catdir", path.name):
+                for tag, (name, T, q) in read_partition_tables(path).items():
+                    if tag not in tables or (len(T) and not len(tables[tag][1])):
+                        tables[tag] = (name, T, q)
     return tables
 
 
@@ -530,9 +532,8 @@ def _q_for_cat(cat: Path, tag: int, tables: dict):
     )
 
 
-def _folder_entries(folder: Path) -> list:
-    """[(names, cat_path, tag)] for every c<tag>*.cat(.gz) under folder."""
-    tables = _tables_in(folder)
+def _folder_entries(folder: Path, tables: dict) -> list:
+    """[(names, cat_path, tag)] for every c<tag>*.cat(.gz) under folder, named by `tables`."""
     index = folder / "index.json"
     fetched = json.loads(index.read_text()) if index.exists() else {}
     entries = []
@@ -554,18 +555,15 @@ def _folder_entries(folder: Path) -> list:
 def _from_folder(name: str, folder: Path) -> Molecule:
     """The entry called `name` in a catalogue folder; several: a full entry before a subset, then
     the largest file."""
-    entries = _folder_entries(folder)
+    tables = _tables_in(*dict.fromkeys([folder, DATA_DIR]))  # the folder's own tables first
+    entries = _folder_entries(folder, tables)
     hits = [e for e in entries if name in e[0]] or [
         e for e in entries if name.lower() in {n.lower() for n in e[0]}
     ]
     if not hits:
         raise ValueError(_unknown(name, {n for e in entries for n in e[0]}, folder))
     names, path, tag = max(hits, key=lambda e: ("subset" not in e[1].name, e[1].stat().st_size))
-    T, q = _q_for_cat(
-        path,
-        tag,
-        _tables_in(folder) | _tables_in(DATA_DIR) if folder != DATA_DIR else _tables_in(folder),
-    )
+    T, q = _q_for_cat(path, tag, tables)
     return molecule_from_cat(path, T, q, name=name)
 
 
@@ -601,7 +599,7 @@ def load_molecule(name_or_path, catalog=None, freq_range_MHz=None) -> Molecule:
             mol = read_xclass(catalog, name)
         else:
             tag = read_cat(catalog)["tag"]
-            T, q = _q_for_cat(catalog, tag, _tables_in(catalog.parent) | _tables_in(DATA_DIR))
+            T, q = _q_for_cat(catalog, tag, _tables_in(catalog.parent, DATA_DIR))
             mol = molecule_from_cat(catalog, T, q, name=name or catalog.stem)
     else:
         try:
