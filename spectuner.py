@@ -356,6 +356,14 @@ def resolve_method(method: str, policy) -> tuple[str, str]:
     return "random+slsqp", f"no policy at {path}: random+slsqp instead of nn+slsqp"
 
 
+def line_table(mol, mcfg) -> dict:
+    """The arrays model.make_tokens reads for a molecule, with log10 Q at the model's
+    temperatures; train.py builds its tokens with it too, so training and fitting agree."""
+    table = {k: getattr(mol, k) for k in ("freq_MHz", "A_s", "g_u", "E_low_K", "E_up_K")}
+    table["log10_Q"] = np.log10(mol.Q(np.asarray(mcfg.Q_temps_K, dtype=float)))
+    return table
+
+
 def _policy_tokens(mcfg, prep: list, molecules: list, box: dict):
     """Each molecule's tokens for one spectrum, or (None, reason) when the spectrum is outside
     what the network was trained on (a box beyond the training box, no transition in reach)."""
@@ -370,9 +378,7 @@ def _policy_tokens(mcfg, prep: list, molecules: list, box: dict):
                  beam_arcsec=w["beam"]) for w in prep]  # fmt: skip
     tokens = []
     for mol in molecules:
-        table = {k: getattr(mol, k) for k in ("freq_MHz", "A_s", "g_u", "E_low_K", "E_up_K")}
-        table["log10_Q"] = np.log10(mol.Q(np.asarray(mcfg.Q_temps_K, dtype=float)))
-        tokens.append(model.make_tokens(wins, table, mcfg))
+        tokens.append(model.make_tokens(wins, line_table(mol, mcfg), mcfg))
         if tokens[-1]["spec"].shape[0] == 0:
             return None, f"{mol.name} has no transition in reach of the windows"
     return tokens, ""

@@ -131,14 +131,6 @@ def log_uniform(rng, lo_hi) -> float:
     return float(10 ** rng.uniform(*np.log10(lo_hi)))
 
 
-def line_table(mol, mcfg) -> dict:
-    """The dict of arrays make_tokens reads, with log10 Q at the model's temperatures."""
-    keys = ("freq_MHz", "A_s", "g_u", "E_low_K", "E_up_K")
-    table = {k: getattr(mol, k) for k in keys}
-    table["log10_Q"] = np.log10(mol.Q(np.asarray(mcfg.Q_temps_K)))
-    return table
-
-
 def load_molecules(names: list, cfg: Config) -> dict:
     """{name: Molecule} restricted to the frequency range; entries that do not resolve are
     reported and skipped (the shared catalogue folder is optional), CH3OH is bundled."""
@@ -233,7 +225,7 @@ def make_state(sid: int, kind: int, ctx: dict, cfg: Config) -> dict:
     return dict(
         sid=sid, name=name, windows=wins, mols=sel, obs=obs,
         n_peaks=sum(o[2].size for o in obs), real=real, u_true=u_true,
-        tokens=model.make_tokens(wins, line_table(mol, ctx["mcfg"]), ctx["mcfg"]),
+        tokens=model.make_tokens(wins, spectuner.line_table(mol, ctx["mcfg"]), ctx["mcfg"]),
     )  # fmt: skip
 
 

@@ -147,7 +147,7 @@ def test_shipped_policy_beats_uniform_draws():
     state = dict(windows=[win], mols=[lte.select_lines(mol, f[0] - 200, f[-1] + 200)],
                  obs=[spectuner.find_spans(T, 0.1)])  # fmt: skip
     box = spectuner.make_box(["CH3OH"])
-    batch = model.collate([model.make_tokens([win], train.line_table(mol, mcfg), mcfg)])
+    batch = model.collate([model.make_tokens([win], spectuner.line_table(mol, mcfg), mcfg)])
     best_policy, best_uniform = [], []
     for r in range(5):
         with torch.no_grad():
