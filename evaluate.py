@@ -93,8 +93,9 @@ def real_cases(cfg) -> list[dict]:
     meta = np.genfromtxt(folder / "windows.csv", delimiter=",", names=True)
     windows = []
     for row in meta:
-        d = np.loadtxt(folder / f"spw{int(row['spw'])}.dat")
-        windows.append(spectuner.Window(d[:, 0], d[:, 1], row["rms_K"], row["T_bg_K"], 0.486))
+        path = folder / f"spw{int(row['spw'])}.dat"
+        windows.append(spectuner.read_spec(path, float(row["rms_K"]), float(row["T_bg_K"]),
+                                           float(row["beam_fwhm_arcsec"])))  # fmt: skip
     cases = []
     for name in cfg.real_mols.split(","):
         mol = load(name, cfg)
