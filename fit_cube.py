@@ -54,7 +54,7 @@ class Config:
     mol: list[str] = field(default_factory=list)  # molecules (names or .cat paths), fitted jointly
     catalog: str = ""  # catalogue file or folder for every --mol; "" = lte's bundled default
     method: str = "auto"  # auto (nn+slsqp if a policy exists, else random+slsqp), nn, nn+slsqp,
-    # nn+nelder-mead, random+slsqp, random+nelder-mead, pso
+    # nn+nelder-mead, random+slsqp, random+nelder-mead, pso, pso+slsqp, pso+nelder-mead
     policy: str = ""  # policy file for the nn methods; "" = data/policy.pt
     loss: str = "pm"  # pm (peak matching) or chi2
     n_init: int = 50  # random starts (policy samples for nn methods) per pixel
