@@ -90,7 +90,7 @@ def bench_fit() -> None:
     ]
     mol = lte.load_molecule("CH3OH", freq_range_MHz=(231000, 242000))
     runs = [("random+slsqp", 50), ("random+slsqp", 1000), ("random+nelder-mead", 50), ("pso", 0),
-            ("nn+slsqp", 50)]  # fmt: skip
+            ("pso+slsqp", 0), ("nn+slsqp", 50)]  # fmt: skip
     for loss in ("pm", "chi2"):
         for method, n_init in runs:
             res = spectuner.fit_spectrum(windows, [mol], method, loss, n_init, v_lsr_kms=2.7)
