@@ -1,7 +1,8 @@
 """Fit one spectrum with the LTE model: parameter box, losses, optimisers, errors, command line.
 
 Implements METHOD.md §3 (unit cube over the parameter box), §4 (chi2 and peak-matching losses),
-§7 (best of N_init starts refined by SLSQP or Nelder-Mead; particle swarm) and the 1-sigma errors
+§7 (best of N_init starts refined by SLSQP or Nelder-Mead; particle swarm, optionally polished
+by the same local optimisers, ours) and the 1-sigma errors
 of issue 3, for Qiu et al., arXiv:2511.21027 (Spectuner-D1) and Spectuner (ApJS 277, 21).
 
     python spectuner.py fit ../shared/data/spectra/iras16293b/*.dat --mol CH3OH --v_lsr 2.7 \
