@@ -199,6 +199,14 @@ def _average_channels(xp, erf_fn, C, n_sub, K, x, s, tau_chan, amp):
     return amp * absorbed
 
 
+def _integrated_tau(xp, as_x, lines: Molecule, T_ex, N):
+    """tau_t [MHz] of each line (see `spectrum`), T_ex and N (B, 1) -> (B, L)."""
+    nu, A, gu, El = (as_x(a) for a in (lines.freq_MHz, lines.A_s, lines.g_u, lines.E_low_K))
+    log10_Q = log10_partition(xp, T_ex, as_x(lines.Q_T_K), as_x(lines.log10_Q))
+    boltz = xp.exp(-El / T_ex) * -xp.expm1(-H_OVER_K_K_PER_MHZ * nu / T_ex)
+    return C2_OVER_8PI * N * A * gu * boltz / (10.0**log10_Q * nu**2)
+
+
 def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
     """LTE brightness of one molecule in one window, channel-averaged (METHOD §2, XCLASS).
 
@@ -246,11 +254,9 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
             return xp.tensor(np.asarray(a, dtype=float), dtype=P.dtype, device=P.device)
 
     if lines.freq_MHz.size:
-        nu, A, gu, El = (as_x(a) for a in (lines.freq_MHz, lines.A_s, lines.g_u, lines.E_low_K))
+        nu = as_x(lines.freq_MHz)
         eta, T_ex, N, fwhm, v_off = (P[:, k : k + 1] for k in range(5))  # each (B, 1)
-        log10_Q = log10_partition(xp, T_ex, as_x(lines.Q_T_K), as_x(lines.log10_Q))
-        boltz = xp.exp(-El / T_ex) * -xp.expm1(-H_OVER_K_K_PER_MHZ * nu / T_ex)
-        tau_int = C2_OVER_8PI * N * A * gu * boltz / (10.0**log10_Q * nu**2)  # (B, L) [MHz]
+        tau_int = _integrated_tau(xp, as_x, lines, T_ex, N)  # (B, L) [MHz]
         mu = as_x(lines.freq_MHz - f0) - nu * v_off / C_KMS  # centre - f0, (B, L) [MHz]
         sigma = fwhm / FWHM_PER_SIGMA * (nu / C_KMS) * (1.0 - v_off / C_KMS)  # (B, L) [MHz]
         dJ = planck_J_K(xp, as_x(f), T_ex) - as_x(planck_J_K(np, f, T_CMB_K) * cmb)  # (B, C)
@@ -280,6 +286,35 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
     if flip:
         out = out[:, ::-1] if xp is np else xp.flip(out, (1,))
     return out.reshape(*batch_shape, C)
+
+
+def peak_opacity(freq_MHz, mol: Molecule, params) -> np.ndarray:
+    """Largest line-centre opacity tau_0 = tau_t / (sqrt(2 pi) sigma_t) among the molecule's
+    lines whose centre falls in the window (rest frame; tau_t, sigma_t as in `spectrum`).
+
+    A line, not a blend: overlapping lines add their opacities in `spectrum`. tau_0 < 1 means
+    optically thin, where the brightness depends on eta and N_tot only through their product.
+
+    Args:
+        freq_MHz: (C,) rest-frame channel centres of the window.
+        mol: the molecule.
+        params: (..., 5) as in `spectrum` (numpy).
+    Returns:
+        (...) tau_0, 0 where no line falls in the window.
+    """
+    P = np.asarray(params, dtype=float).reshape(-1, 5)
+    _check_params(P)
+    freq = np.asarray(freq_MHz, dtype=float)
+    v_max = np.abs(P[:, 4]).max()  # centres move by v_off: keep every line that can land inside
+    lines = select_lines(mol, freq.min() * (1 - v_max / C_KMS), freq.max() * (1 + v_max / C_KMS))
+    if lines.freq_MHz.size == 0:
+        return np.zeros(np.shape(params)[:-1])
+    tau_int = _integrated_tau(np, np.asarray, lines, P[:, 1:2], P[:, 2:3])  # (B, L) [MHz]
+    mu = lines.freq_MHz * (1.0 - P[:, 4:5] / C_KMS)  # (B, L) line centres
+    sigma = P[:, 3:4] / FWHM_PER_SIGMA * (lines.freq_MHz / C_KMS) * (1.0 - P[:, 4:5] / C_KMS)
+    tau_0 = np.where((mu >= freq.min()) & (mu <= freq.max()), tau_int, 0.0)
+    tau_0 = tau_0 / (math.sqrt(2 * math.pi) * sigma)
+    return tau_0.max(axis=-1).reshape(np.shape(params)[:-1])
 
 
 def spectrum_torch(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):

@@ -74,6 +74,7 @@ DEFAULT_BOUNDS = {
     "v_off": (-12.0, 12.0),
 }
 PEAK_SIGMA = 4.0  # §4: peaks need height and prominence >= 4 rms
+NEARLY_THIN_TAU = 0.2  # below this peak opacity the eta and N_tot errors get a warning (README)
 
 
 class Window(NamedTuple):
@@ -564,10 +565,12 @@ def fit_spectrum(
             reason string) from policy_starts, which batches the network over many spectra.
 
     Returns:
-        dict: params, errors, error_notes ({mol: {name: ...}}), loss, nfev (the fit's forward-model
-        evaluations), nfev_errors, time_s, status, method, loss_name (+ source_size_arcsec and
-        eta_ref_MHz for a single dish). The errors are statistical (Gauss-Newton on chi2 at the
-        optimum, noise only): lines of other molecules and model errors are not in them.
+        dict: params, errors, error_notes ({mol: {name: ...}}: why an error is NaN, or a
+        warning), loss, nfev (the fit's forward-model evaluations), nfev_errors, time_s, status,
+        method, loss_name, tau_max ({mol: largest line-centre opacity at the fit}) (+
+        source_size_arcsec and eta_ref_MHz for a single dish). The errors are statistical
+        (Gauss-Newton on chi2 at the optimum, noise only): lines of other molecules and model
+        errors are not in them.
 
     Raises:
         ValueError: unknown method or loss, no or duplicate molecules, nothing free to fit.
@@ -627,6 +630,18 @@ def fit_spectrum(
         if box["log"][i] and s > 1:
             notes[i] = "unconstrained: 1-sigma beyond a factor of 10"
     sigma[list(notes)] = np.nan
+    tau_max = {
+        m.name: max(float(lte.peak_opacity(w["freq"], w["mols"][k], X[5 * k : 5 * k + 5]))
+                    for w in prep)
+        for k, m in enumerate(molecules)
+    }  # fmt: skip
+    remarks_thin = {
+        5 * k + i: f"nearly thin lines (peak tau {tau_max[m]:.2g}): eta and N_tot trade off along "
+        "a valley that is not quadratic, so this error may be far too small"
+        for k, m in enumerate(names)
+        if tau_max[m] < NEARLY_THIN_TAU and box["free"][5 * k] and box["free"][5 * k + 2]
+        for i in (0, 2)
+    }
     per_mol = lambda a: {m: dict(zip(PARAM_NAMES, map(float, a[5 * k : 5 * k + 5])))  # noqa: E731
                          for k, m in enumerate(names)}  # fmt: skip
     result = dict(
@@ -642,8 +657,9 @@ def fit_spectrum(
         loss_name=loss,
         note=note,
         fallback=fallback,
+        tau_max=tau_max,
     )
-    for i, reason in notes.items():
+    for i, reason in {**remarks_thin, **notes}.items():  # why NaN, else a warning
         result["error_notes"][names[i // 5]][PARAM_NAMES[i % 5]] = reason
     if dish_m:
         beam_ref = 1.22 * lte.C_KMS * 1e3 / (nu_ref * 1e6 * dish_m) * 206264.806  # arcsec
@@ -866,7 +882,8 @@ def main(cfg: Config) -> dict:
         " ".join(
             f"{k}={res[k]:.6g}" if isinstance(res[k], float) else f"{k}={res[k]}"
             for k in ("loss", "nfev", "time_s", "method", "loss_name", "status")
-        )
+        ),
+        " ".join(f"tau_max[{m}]={t:.3g}" for m, t in res["tau_max"].items()),
     )
     if cfg.json:
         nan_to_none = lambda v: None if np.isnan(v) else v  # noqa: E731
@@ -882,7 +899,7 @@ def main(cfg: Config) -> dict:
             **{
                 k: res[k]
                 for k in ("loss", "nfev", "method", "loss_name", "time_s", "status", "error_notes")
-                + ("source_size_arcsec", "eta_ref_MHz")
+                + ("tau_max", "source_size_arcsec", "eta_ref_MHz")
                 if k in res
             },
             config=dataclasses.asdict(cfg),

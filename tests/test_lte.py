@@ -126,6 +126,20 @@ def test_optically_thick_peak_saturates(T_bg_K):
     assert peak == pytest.approx(expect, rel=1e-4)
 
 
+@pytest.mark.parametrize("N_cm2", [1e13, 1e14, 1e15])
+def test_peak_opacity_inverts_the_line_centre_brightness(N_cm2):
+    """At the centre of a resolved line T = eta dJ (1 - exp(-tau_0)), so tau_0 follows from the
+    model's own peak: an independent route to the opacity."""
+    mol = one_line()
+    f = window(n_chan=2000, dnu_MHz=0.002)  # 0.0026 km/s channels: no channel averaging
+    p = np.array([0.5, 30.0, N_cm2, 1.0, 0.0])
+    peak = lte.spectrum(f, mol, p[None], cmb=False)[0].max()
+    tau_0 = -np.log(1 - peak / (p[0] * lte.planck_J_K(np, 230000.0, p[1])))
+    assert lte.peak_opacity(f, mol, p) == pytest.approx(tau_0, rel=1e-4)
+    assert 0.01 < tau_0 < 20  # the cases span thin to thick
+    assert lte.peak_opacity(f, mol, p + [0, 0, 0, 0, 9.0]) == 0  # the centre left the window
+
+
 def test_zero_column_density_gives_zeros():
     f = window()
     assert not lte.spectrum(f, one_line(), np.array([[0.5, 40.0, 0.0, 2.0, 0.0]])).any()

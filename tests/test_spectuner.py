@@ -297,6 +297,18 @@ def test_thin_lines_give_nan_errors_with_a_reason(ch3oh):
     assert np.isfinite(res["errors"]["CH3OH"]["v_off"])
 
 
+def test_nearly_thin_lines_warn_on_eta_and_N_tot_errors(ch3oh):
+    thin = st.fit_spectrum(synthetic(ch3oh, CASES["thin"]), [ch3oh], loss="chi2")
+    thick = st.fit_spectrum(synthetic(ch3oh, CASES["thick"]), [ch3oh], loss="chi2")
+    assert thin["tau_max"]["CH3OH"] < st.NEARLY_THIN_TAU < 1 < thick["tau_max"]["CH3OH"]
+    assert set(thin["error_notes"]["CH3OH"]) == {"eta", "N_tot"}
+    assert "nearly thin" in thin["error_notes"]["CH3OH"]["N_tot"]
+    assert np.isfinite(thin["errors"]["CH3OH"]["N_tot"])  # a warning, not a NaN
+    assert thick["error_notes"]["CH3OH"] == {}
+    fixed = st.fit_spectrum(synthetic(ch3oh, CASES["thin"]), [ch3oh], loss="chi2", fix={"eta": 0.8})
+    assert "N_tot" not in fixed["error_notes"]["CH3OH"]  # with eta fixed, N_tot is constrained
+
+
 def test_fit_is_deterministic_and_honours_fix(ch3oh):
     windows = synthetic(ch3oh, CASES["thick"])
     kw = dict(loss="pm", n_init=20, fix={"T_ex": 150.0}, bounds={"v_off": (-3, 3)})
