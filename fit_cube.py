@@ -3,8 +3,8 @@
 Reads a FITS cube (FREQ axis, or a velocity axis with RESTFRQ; K or Jy/beam, per-channel CASA
 beams honoured), estimates the noise of each pixel from its line-free channels, fits the pixels
 with enough peaks with `spectuner.fit_spectrum` in worker processes (or on Dask distributed), and
-writes one FITS map per parameter with the cube's celestial WCS, plus loss, nfev and status maps,
-the model cube and a summary. Results are flushed in chunks; `--resume` continues a partial run.
+writes one FITS map per parameter with the cube's celestial WCS, plus error, peak-opacity, loss,
+nfev and status maps, the model cube and a summary. Results are flushed in chunks; `--resume` continues a partial run.
 
     python fit_cube.py data/demo_cube.fits --mol CH3OH
     python fit_cube.py cube.fits --mol CH3OH CH3OCHO --v_lsr 2.7 --region 10:40,20:60 --resume
@@ -321,7 +321,7 @@ def fit_pixel(S: dict, y: int, x: int, starts=None) -> dict:
     n_par = 5 * len(S["mols"])
     nan = np.full(n_par, np.nan)
     rec = dict(y=y, x=x, code=0, reason="", rms=np.nan, n_peaks=0, loss=np.nan, nfev=0,
-               time_s=0.0, values=nan, errors=nan)  # fmt: skip
+               time_s=0.0, values=nan, errors=nan, tau_max=nan[: len(S["mols"])])  # fmt: skip
     spec = S["data"][:, y, x].astype(float)
     ok = np.isfinite(spec)
     if not ok.any():
@@ -346,6 +346,7 @@ def fit_pixel(S: dict, y: int, x: int, starts=None) -> dict:
     mols = [m.name for m in S["mols"]]
     rec["values"] = np.array([res["params"][m][p] for m in mols for p in PARAMS])
     rec["errors"] = np.array([res["errors"][m][p] for m in mols for p in PARAMS])
+    rec["tau_max"] = np.array([res["tau_max"][m] for m in mols])
     code, reason = (0, "") if res["status"] == "ok" else (6, str(res["status"]))
     return rec | dict(code=code, reason=reason, loss=res["loss"], nfev=res["nfev"],
                       time_s=res["time_s"])  # fmt: skip
@@ -473,7 +474,7 @@ RUNNERS = {"inprocess": run_inprocess, "pool": run_pool, "dask": run_dask}
 # --- chunks on disk: whole chunks survive Ctrl-C or a crash, --resume reads them back ---
 
 REC_KEYS = ("y", "x", "code", "reason", "rms", "n_peaks", "loss", "nfev", "time_s", "cpu_s",
-            "values", "errors")  # fmt: skip
+            "values", "errors", "tau_max")  # fmt: skip
 
 
 def flush_chunk(folder: Path, records: list) -> None:
@@ -493,7 +494,8 @@ def load_chunks(folder: Path) -> dict:
     parts = []
     for path in sorted(folder.glob("chunk_*.npz")):
         with np.load(path) as z:
-            parts.append({k: z[k] for k in REC_KEYS})
+            missing = np.full((z["y"].size, z["values"].shape[-1] // 5), np.nan)  # older chunks
+            parts.append({k: z[k] if k in z.files else missing for k in REC_KEYS})
     if not parts:
         return {k: np.zeros((0,)) for k in REC_KEYS}
     return {k: np.concatenate([p[k] for p in parts]) for k in REC_KEYS}
@@ -509,6 +511,7 @@ def assemble(rec: dict, selected: np.ndarray, n_par: int) -> dict:
     for k in ("loss", "nfev", "rms", "n_peaks"):
         maps[k] = np.full(shape, np.nan)
     maps["values"], maps["errors"] = np.full((2, n_par, *shape), np.nan)
+    maps["tau_max"] = np.full((n_par // 5, *shape), np.nan)
     if rec["y"].size:
         y, x, fitted = rec["y"].astype(int), rec["x"].astype(int), np.isin(rec["code"], (0, 6))
         maps["status"][y, x] = rec["code"]
@@ -516,6 +519,7 @@ def assemble(rec: dict, selected: np.ndarray, n_par: int) -> dict:
         maps["nfev"][y, x] = np.where(fitted, rec["nfev"], np.nan)
         maps["rms"][y, x], maps["n_peaks"][y, x] = rec["rms"], rec["n_peaks"]
         maps["values"][:, y, x], maps["errors"][:, y, x] = rec["values"].T, rec["errors"].T
+        maps["tau_max"][:, y, x] = rec["tau_max"].T
     return maps
 
 
@@ -602,6 +606,7 @@ def write_outputs(out: Path, S: dict, cube: dict, cfg: Config, info: dict, compl
             write_map(out / f"{m}_{p}.fits", maps["values"][5 * k + j], cube, PARAM_UNITS[p], p)
             write_map(out / f"{m}_{p}_err.fits", maps["errors"][5 * k + j], cube, PARAM_UNITS[p],
                       f"{p} 1-sigma error")  # fmt: skip
+        write_map(out / f"{m}_tau_max.fits", maps["tau_max"][k], cube, "", "peak line opacity")
     for key, unit in (("loss", ""), ("nfev", ""), ("status", ""), ("rms", cube["unit"])):
         write_map(out / f"{key}.fits", maps[key], cube, unit, key)
     if complete:

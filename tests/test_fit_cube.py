@@ -232,6 +232,13 @@ def test_tiny_cube_recovers_injected_parameters(tiny, run1):
         assert maps["v_off"][y, x] == pytest.approx(v_off, abs=0.1)
         assert maps["eta"][y, x] * maps["N_tot"][y, x] == pytest.approx(eta * N, rel=0.15)
     assert np.isnan(maps["eta"][2, 2]) and np.isnan(maps["eta"][0, 2])
+    tau = fits.getdata(out / "CH3OH_tau_max.fits")
+    mol = lte.load_molecule("CH3OH", freq_range_MHz=(241500.0, 242100.0))
+    true_tau = {yx: lte.peak_opacity(FREQ_HZ / 1e6, mol, p) for yx, p in TRUE.items()}
+    for (y, x), t in true_tau.items():  # thin lines (0.04-0.5): opacity is loosely constrained
+        assert 0.4 < tau[y, x] / t < 2.5
+    assert max(true_tau, key=true_tau.get) == max(true_tau, key=lambda yx: tau[yx])
+    assert np.isnan(tau[2, 2]) and np.isnan(tau[0, 2])
     head = fits.getheader(out / "CH3OH_N_tot.fits")
     assert head["BUNIT"] == "cm-2" and head["CTYPE1"] == "RA---SIN" and head["NAXIS"] == 2
     model = fits.getdata(out / "model_cube.fits")
@@ -286,6 +293,18 @@ def test_resume_after_interruption(tiny, run1, tmp_path, monkeypatch):
     assert_same_maps(read_maps(run1[0]), read_maps(tmp_path))
     with pytest.raises(ValueError, match="holds a run with other"):
         fit_cube.main(config(tiny, tmp_path, resume=True, n_init=7))
+
+
+def test_chunks_of_an_older_run_without_tau_max_still_load(tmp_path):
+    rec = dict(y=1, x=2, code=0, reason="", rms=0.1, n_peaks=3, loss=1.0, nfev=100, time_s=0.1,
+               cpu_s=0.1, values=np.arange(10.0), errors=np.ones(10))  # fmt: skip
+    rec["tau_max"] = np.ones(2)  # two molecules
+    fit_cube.flush_chunk(tmp_path, [dict(rec)])
+    old = {k: np.array([rec[k]]) for k in fit_cube.REC_KEYS if k != "tau_max"}
+    np.savez(tmp_path / "chunk_000002.npz", **old)  # as written before tau_max existed
+    loaded = fit_cube.load_chunks(tmp_path)
+    assert loaded["tau_max"].shape == (2, 2) and loaded["values"].shape == (2, 10)
+    assert (loaded["tau_max"][0] == 1).all() and np.isnan(loaded["tau_max"][1]).all()
 
 
 def test_failing_pixel_is_marked_and_run_goes_on(tiny, tmp_path, monkeypatch):
