@@ -4,7 +4,8 @@ Reads a FITS cube (FREQ axis, or a velocity axis with RESTFRQ; K or Jy/beam, per
 beams honoured), estimates the noise of each pixel from its line-free channels, fits the pixels
 with enough peaks with `spectuner.fit_spectrum` in worker processes (or on Dask distributed), and
 writes one FITS map per parameter with the cube's celestial WCS, plus error, peak-opacity, loss,
-nfev and status maps, the model cube and a summary. Results are flushed in chunks; `--resume` continues a partial run.
+nfev and status maps, the model cube and a summary. Results are flushed in chunks; `--resume`
+continues a partial run.
 
     python fit_cube.py data/demo_cube.fits --mol CH3OH
     python fit_cube.py cube.fits --mol CH3OH CH3OCHO --v_lsr 2.7 --region 10:40,20:60 --resume

@@ -2,8 +2,8 @@
 
 Implements METHOD.md §3 (unit cube over the parameter box), §4 (chi2 and peak-matching losses),
 §7 (best of N_init starts refined by SLSQP or Nelder-Mead; particle swarm, optionally polished
-by the same local optimisers, ours) and the 1-sigma errors
-of issue 3, for Qiu et al., arXiv:2511.21027 (Spectuner-D1) and Spectuner (ApJS 277, 21).
+by the same local optimisers, ours) and the 1-sigma errors of issue 3, for Qiu et al.,
+arXiv:2511.21027 (Spectuner-D1) and Spectuner (ApJS 277, 21).
 
     python spectuner.py fit ../shared/data/spectra/iras16293b/*.dat --mol CH3OH --v_lsr 2.7 \
         --beam_arcsec 0.486 --T_bg_K 5 --loss pm --json fit.json --plot fit.png
