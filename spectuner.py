@@ -285,11 +285,18 @@ LOSSES = {"chi2": loss_chi2, "pm": loss_pm}
 # --- methods (§7): a start (random, swarm or network) and a local refinement ---
 
 
+def _then_local(f, u, loss, nfev, status, local):
+    """The start (u, loss) after nfev runs, refined by `local` if given, its runs added."""
+    if local is None:
+        return u, loss, nfev, status
+    u, loss, nfev_local, status = local(f, u, loss)
+    return u, loss, nfev + nfev_local, status
+
+
 def run_random_local(f, n_dim, n_init, rng, n_restarts=1, local=refine_slsqp):
     """Best of n_init uniform starts refined by a local optimiser (§7 baseline)."""
     u0, f0, nfev0 = random_starts(f, n_dim, n_init, rng)
-    u, loss, nfev, status = local(f, u0, f0)
-    return u, loss, nfev0 + nfev, status
+    return _then_local(f, u0, f0, nfev0, "ok", local)
 
 
 def run_pso(f, n_dim, n_init, rng, n_restarts=1, local=None):
@@ -298,15 +305,11 @@ def run_pso(f, n_dim, n_init, rng, n_restarts=1, local=None):
 
     The swarm's stopping rule (15 cycles under 1e-5 relative gain) often fires while the best
     particle still lies on the floor of a long valley (eta-N_tot-T_ex of thin or broad lines),
-    a few sigma from the minimum; a polish of ~100-300 runs takes it to the bottom.
+    a few sigma from the minimum; a polish of tens to a few hundred runs takes it to the bottom.
     """
     runs = [pso(f, n_dim, rng) for _ in range(n_restarts)]
     u, loss, _, status = min(runs, key=lambda r: r[1])
-    nfev = sum(r[2] for r in runs)
-    if local is None:
-        return u, loss, nfev, status
-    u, loss, nfev_local, status = local(f, u, loss)
-    return u, loss, nfev + nfev_local, status
+    return _then_local(f, u, loss, sum(r[2] for r in runs), status, local)
 
 
 def run_policy(f, n_dim, n_init, rng, n_restarts=1, local=None, propose=None):
@@ -317,10 +320,7 @@ def run_policy(f, n_dim, n_init, rng, n_restarts=1, local=None, propose=None):
     U = propose(n_init)
     L = f(U)
     i = int(np.argmin(L))
-    if local is None:
-        return U[i], float(L[i]), n_init, "ok"
-    u, loss, nfev, status = local(f, U[i], float(L[i]))
-    return u, loss, n_init + nfev, status
+    return _then_local(f, U[i], float(L[i]), n_init, "ok", local)
 
 
 METHODS = {
