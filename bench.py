@@ -139,18 +139,22 @@ def bench_recover(n_cases: int = 100, seed: int = 7) -> None:
             z = np.array([(est[k] - t) / err[k] for k, t in zip(names, truth)])
             ok = np.isfinite(z[[1, 3, 4]]).all() and np.all(np.abs(np.nan_to_num(z)) < 3)
             warned = "nearly thin" in res["error_notes"]["CH3OH"].get("N_tot", "")
-            fits[method, restarts] = (ok, res["loss"], res["nfev"], res["time_s"], warned)
+            worst = int(np.argmax(np.abs(np.nan_to_num(z))))
+            detail = f"tau_max={res['tau_max']['CH3OH']:.2g},{names[worst]}_z={z[worst]:.1f}"
+            fits[method, restarts] = (ok, res["loss"], res["nfev"], res["time_s"], warned, detail)
         at_truth = spectuner.model_windows(windows, [mol], {"CH3OH": dict(zip(names, truth))})
         loss_truth = sum(
             spectuner.loss_chi2(m, w.T_obs_K, rms)[0] for m, w in zip(at_truth, windows)
         )
         best = min(loss_truth, *(f[1] for f in fits.values()))
         labels = []
-        for (method, restarts), (ok, loss, nfev, time_s, warned) in fits.items():
+        for (method, restarts), (ok, loss, nfev, time_s, warned, detail) in fits.items():
             # the loss is a sum of 0.5 mean chi2 over two equal windows: chi2 = loss * n_chan
             missed = not ok and (loss - best) * n_chan > 1.0
             tally[method, restarts].append((ok, missed, nfev, time_s, warned))
             label = "ok" if ok else "missed" if missed else "outside"
+            if label == "outside":  # what the errors missed, and the truth's chi2 above the fit's
+                label += f"[{detail},dchi2_truth={(loss_truth - loss) * n_chan:.1f}]"
             labels.append(f"{method}x{restarts}={label}{'(warned)' if warned else ''}")
         snr = max(t.max() for t in T) / rms
         print(f"case={case} snr={snr:.0f} " + " ".join(labels), flush=True)
