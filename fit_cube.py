@@ -46,6 +46,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from scipy.signal import find_peaks
 
 import lte
+import problem
 import spectuner
 
 
@@ -87,7 +88,6 @@ STATUS = {0: "fitted", 1: "outside", 2: "blank", 3: "bad_input", 4: "few_peaks",
           6: "unconverged", -1: "pending"}  # fmt: skip
 C_MS = lte.C_KMS * 1e3  # speed of light [m/s]
 K_PER_JY = 1.222e6  # T [K] = 1.222e6 S [Jy/beam] / (nu_GHz^2 theta_maj theta_min [arcsec^2])
-LINE_MARGIN_KMS = 100.0  # lines kept this far outside the cube (v_off and wings)
 # FITS spectral world value w (SI: Hz, m/s, m, or redshift) and rest frequency f0 [Hz] -> Hz
 TO_HZ = {
     "FREQ": lambda w, f0: w,
@@ -658,7 +658,7 @@ def make_demo(path: str, n_pix: int = 8, n_chan: int = 440, seed: int = 0) -> di
                  N_tot=10 ** (15.7 + 1.1 * np.exp(-r2 / 0.12)), delta_v=2.0 + 2.0 * yy,
                  v_off=-1.5 + 3.0 * xx)  # fmt: skip
     truth["N_tot"][xx + yy > 1.75] = 1e12  # a corner without the molecule: skipped pixels
-    span = LINE_MARGIN_KMS / lte.C_KMS
+    span = lte.reach_kms(12.0, 30.0) / lte.C_KMS  # every line that can reach the band
     rest = freq_MHz * (1 + v_lsr / lte.C_KMS)
     mol = lte.load_molecule("CH3OH", freq_range_MHz=(rest[0] * (1 - span), rest[-1] * (1 + span)))
     P = np.stack([truth[p] for p in PARAMS], axis=-1).reshape(-1, 5)
@@ -733,12 +733,12 @@ def main(cfg: Config) -> dict:
     T_bg = read_continuum(cfg.continuum, cube) if cfg.continuum else np.zeros((ny, nx))
     # --- model: molecules, fit options ---
     rest = cube["freq_MHz"] * (1 + v_lsr / lte.C_KMS)
-    span = LINE_MARGIN_KMS / lte.C_KMS
-    f_range = (rest.min() * (1 - span), rest.max() * (1 + span))
-    mols = [lte.load_molecule(m, cfg.catalog or None, f_range) for m in cfg.mol]
+    mols = [lte.load_molecule(m, cfg.catalog or None) for m in cfg.mol]
     bounds = spectuner.parse_assignments(cfg.bounds, ranged=True)
     fix = spectuner.parse_assignments(cfg.fix, ranged=False)
-    spectuner.make_box([m.name for m in mols], bounds, fix)  # bad names raise here, not per pixel
+    box = spectuner.make_box([m.name for m in mols], bounds, fix)  # bad names raise here
+    span = problem.reach_kms(box) / lte.C_KMS  # keep the lines that can reach the band
+    mols = [lte.select_lines(m, rest.min() * (1 - span), rest.max() * (1 + span)) for m in mols]
     fit_kwargs = dict(method=cfg.method, loss=cfg.loss, n_init=cfg.n_init, bounds=bounds,
                       fix=fix, v_lsr_kms=v_lsr, dish_m=cfg.dish_m or None,
                       policy=cfg.policy or None)  # fmt: skip

@@ -12,7 +12,8 @@ batch of parameter sets, each channel the average of the intensity over the chan
     python lte.py info CH3OH --freq 232000:233000
 
 Parameters (the last axis of `params`): eta, T_ex_K, N_tot_cm2, fwhm_kms, v_off_kms.
-Numpy is the fitting path; `spectrum_torch` is the same code on torch tensors (differentiable).
+`spectrum` = `render(line_layout(...))`; `render(..., channels=)` evaluates only the channels
+the lines reach (`touched_channels`), with the same values as the full window.
 """
 
 import argparse
@@ -102,18 +103,9 @@ def planck_J_K(xp, freq_MHz, T_K):
 # --- the forward model (METHOD §2) ---
 
 
-def _ops(params):
-    """The array namespace (numpy or torch) and its erf, chosen by the type of `params`."""
-    if isinstance(params, np.ndarray):
-        return np, erf
-    import torch
-
-    return torch, torch.erf
-
-
 def _check_params(params) -> None:
     """Raise ValueError naming the first bad value in params (..., 5)."""
-    p = np.asarray(params.detach().cpu() if hasattr(params, "detach") else params, dtype=float)
+    p = np.asarray(params, dtype=float)
     if p.ndim == 0 or p.shape[-1] != 5:
         raise ValueError(f"params must have shape (..., 5) {PARAM_NAMES}, got {p.shape}")
     limits = [(0.0, 1.0), (1e-3, 1e5), (0.0, 1e30), (1e-4, 1e4), (-C_KMS / 2, C_KMS / 2)]
@@ -133,14 +125,22 @@ def _channel_edges(freq_MHz: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * freq_MHz[0] - mid[0]], mid, [2 * freq_MHz[-1] - mid[-1]]])
 
 
+def reach_kms(v_off_max_kms: float, fwhm_max_kms: float) -> float:
+    """How far (km/s) beyond a window a line centre can lie and still touch it: the kernel
+    keeps a line's opacity out to N_SIGMA_MAX sigma of a centre shifted by up to v_off_max."""
+    return float(v_off_max_kms + N_SIGMA_MAX * fwhm_max_kms / FWHM_PER_SIGMA)
+
+
 def _plan(s_chan, tau_peak, k_per_sigma=4.0, n_sub_max=64):
-    """Sub-channels per channel for each row, and the half-window of sub-channels per line.
+    """Sub-channels per channel for each row, the half-window of sub-channels per line, and
+    the quadrature (Simpson where a sub-channel is at most sigma/2, else exact erf).
 
     A row needs fine sub-channels when its lines are narrow against the channel and not
     optically thin: the edges of a saturated line (where tau ~ 1) are steeper than the line,
-    by sqrt(2 ln tau_peak), and must be resolved for the channel average (METHOD §2).
+    by sqrt(2 ln tau_peak), and must be resolved for the channel average (METHOD §2). Each
+    choice is a function of the row alone, so a spectrum does not depend on its batch.
     Args: s_chan, tau_peak (B, L): line sigma in channels, peak opacity.
-    Returns: n_sub (B,) powers of 2, K (B,) half-window in sub-channels.
+    Returns: n_sub (B,) and K (B,) powers of 2, simpson (B,) bool.
     """
     tmax = tau_peak.max(axis=-1)
     steep = np.sqrt(1.0 + 2.0 * np.log1p(tmax))
@@ -149,62 +149,138 @@ def _plan(s_chan, tau_peak, k_per_sigma=4.0, n_sub_max=64):
     n_sub = 2 ** np.ceil(np.log2(n_sub)).astype(int)  # few distinct values -> few groups
     reach = np.minimum(np.sqrt(2.0 * np.log(np.maximum(tmax, 1.0) / 1e-6)), N_SIGMA_MAX)
     K = np.ceil(reach * s_chan.max(axis=-1) * n_sub).astype(int) + 1
-    return n_sub, K
+    K = 2 ** np.ceil(np.log2(K)).astype(int)
+    return n_sub, K, s_chan.min(axis=-1) * n_sub >= 2.0
 
 
-def _average_channels(xp, erf_fn, C, n_sub, K, x, s, tau_chan, amp):
-    """Channel averages of amp * (1 - exp(-tau)) with tau on n_sub sub-channels per channel.
+def _integrated_tau(lines: Molecule, T_ex, N):
+    """tau_t [MHz] of each line (see `spectrum`), T_ex and N (B, 1) -> (B, L)."""
+    nu, A, gu, El = lines.freq_MHz, lines.A_s, lines.g_u, lines.E_low_K
+    log10_Q = log10_partition(np, T_ex, lines.Q_T_K, lines.log10_Q)
+    boltz = np.exp(-El / T_ex) * -np.expm1(-H_OVER_K_K_PER_MHZ * nu / T_ex)
+    return C2_OVER_8PI * N * A * gu * boltz / (10.0**log10_Q * nu**2)
 
-    Works in channel-index units (channel i spans [i, i+1)). Each line's opacity on a
-    sub-channel is its exact mean there (erf differences), added sparsely: a line touches only
-    the 2K+1 sub-channels around its centre (METHOD §2, Cost).
+
+def line_layout(freq_MHz, mol: Molecule, params) -> dict:
+    """Where each line of `mol` falls on one window's channels, for a batch of parameters.
+
+    The first half of `spectrum`: integrated opacity tau_t, centre mu_t and width sigma_t of
+    each line (METHOD §2), in channel-index units of the window sorted ascending (channel i
+    spans [i, i+1)), and the sub-channel plan of each row.
+
+    Args:
+        freq_MHz: (C,) rest-frame channel centres, ascending (C >= 2).
+        mol: the molecule; params: (B, 5) as in `spectrum`.
+    Returns:
+        dict: f (C,) centres, P (B, 5), x, s, tau (B, L) line centre, sigma and integrated
+        opacity [channels], n_sub, K (B,) ints, simpson (B,) bool; L = 0 when no line reaches.
+    """
+    f = np.asarray(freq_MHz, dtype=float)
+    P = np.asarray(params, dtype=float)
+    edges = _channel_edges(f)
+    f0 = edges[0]  # centres enter as offsets from f0, which keeps sub-kHz precision
+    reach = reach_kms(np.abs(P[:, 4]).max(), P[:, 3].max())
+    lines = select_lines(mol, f0 * (1 - reach / C_KMS), edges[-1] * (1 + reach / C_KMS))
+    nu = lines.freq_MHz
+    eta, T_ex, N, fwhm, v_off = (P[:, k : k + 1] for k in range(5))  # each (B, 1)
+    tau_int = _integrated_tau(lines, T_ex, N)  # (B, L) [MHz]
+    mu = (nu - f0) - nu * v_off / C_KMS  # mu_t - f0 = nu_t (1 - v_off/c) - f0, (B, L) [MHz]
+    sigma = fwhm / FWHM_PER_SIGMA * (nu / C_KMS) * (1.0 - v_off / C_KMS)  # (B, L) [MHz]
+    e, widths = edges - f0, np.diff(edges)
+    i = np.clip(np.searchsorted(e, mu) - 1, 0, f.size - 1)
+    x = i + (mu - e[i]) / widths[i]  # (B, L) centre in channel-index units
+    s, tau = sigma / widths[i], tau_int / widths[i]  # [channels]
+    out = dict(f=f, P=P, x=x, s=s, tau=tau, L=nu.size)
+    if nu.size:
+        out["n_sub"], out["K"], out["simpson"] = _plan(s, tau / (math.sqrt(2 * math.pi) * s))
+    return out
+
+
+def touched_channels(layout: dict) -> tuple[np.ndarray, np.ndarray]:
+    """First and last channel (inclusive) each line of each row can change, for the lines
+    that touch the window at all: (lo, hi) flat int arrays. Outside them the model is 0."""
+    if layout["L"] == 0:
+        return np.empty(0, dtype=int), np.empty(0, dtype=int)
+    n, K, C = layout["n_sub"][:, None], layout["K"][:, None], layout["f"].size
+    j0 = np.floor(layout["x"] * n)  # centre sub-channel, (B, L)
+    lo, hi = np.floor_divide(j0 - K, n), np.floor_divide(j0 + K, n)
+    keep = (hi >= 0) & (lo <= C - 1)
+    return np.clip(lo[keep], 0, C - 1).astype(int), np.clip(hi[keep], 0, C - 1).astype(int)
+
+
+def _average_channels(C, n_sub, K, x, s, tau_chan, amp, simpson):
+    """Channel averages of amp * (1 - exp(-tau)), tau on n_sub sub-channels per channel.
+
+    tau(nu) = sum_t tau_t G(nu; mu_t, sigma_t) (METHOD §2) in channel-index units. Each line's
+    opacity on a sub-channel is its exact mean there: the unit-area Gaussian's mass from erf
+    differences, or Simpson's rule on the sub-channel when it is at most sigma/2 (exact to
+    ~1e-5). A line touches only the 2K+1 sub-channels around its centre (METHOD §2, Cost).
     Args: C channels; x, s (b, L) line centre and sigma [channels]; tau_chan (b, L) integrated
-        opacity [channels]; amp (b, C) [K].
+        opacity [channels]; amp (b, C) [K]; simpson: the quadrature.
     Returns: (b, C) [K].
     """
     b, L = x.shape
     pad = 2 * K + 1  # sub-channels of padding at each end: clipped centres land there
     Fp = n_sub * C + 2 * pad
-    j0 = xp.floor(x.detach() * n_sub if xp is not np else x * n_sub)  # (b, L) centre sub-channel
-    j0 = xp.clip(j0, -K - 1, n_sub * C + K)  # a line further out touches no channel
-    k = xp.arange(-K, K + 2) if xp is np else xp.arange(-K, K + 2, device=x.device, dtype=x.dtype)
-    scale = 1.0 / (math.sqrt(2.0) * s)  # (b, L)
-    dz = (scale / n_sub)[..., None]  # sub-channel width in z = (nu - mu) / (sqrt(2) sigma)
+    j0 = np.clip(np.floor(x * n_sub), -K - 1, n_sub * C + K)  # (b, L) centre sub-channel
+    scale = 1.0 / (math.sqrt(2.0) * s)  # (b, L): z = (nu - mu) / (sqrt(2) sigma)
+    dz = (scale / n_sub)[..., None]  # sub-channel width in z
     z0 = ((j0 - x * n_sub) / n_sub * scale)[..., None]  # (b, L, 1)
-    if (
-        float(s.min() if xp is np else s.detach().min()) * n_sub >= 2.0
-    ):  # sub-channel <= sigma/2: Simpson is exact to ~1e-5
-        half = (
-            xp.arange(-2 * K, 2 * K + 3)
-            if xp is np
-            else xp.arange(-2 * K, 2 * K + 3, device=x.device, dtype=x.dtype)
-        )
-        g = xp.exp(-((z0 + 0.5 * half * dz) ** 2))  # (b, L, 2W+1) at edges and mid-points
+    if simpson:
+        g = np.exp(-((z0 + 0.5 * np.arange(-2 * K, 2 * K + 3) * dz) ** 2))  # edges, mid-points
         mass = dz / (6.0 * math.sqrt(math.pi)) * (g[..., :-1:2] + 4.0 * g[..., 1::2] + g[..., 2::2])
-    else:  # narrow lines: exact unit-area fraction from erf differences
-        z = z0 + k * dz  # (b, L, W+1) sub-channel edges
-        mass = 0.5 * (erf_fn(z[..., 1:]) - erf_fn(z[..., :-1]))  # (b, L, W)
-    tau_bin = (tau_chan * n_sub)[..., None] * mass  # mean opacity on each sub-channel
-    j0i = j0.astype(np.int64) if xp is np else j0.long()
-    rows = (np.arange(b) if xp is np else xp.arange(b, device=x.device))[:, None] * Fp
-    first = (rows + j0i + pad - K)[..., None]  # (b, L, 1) first sub-channel of each window
-    flat = first + (np.arange(2 * K + 1) if xp is np else xp.arange(2 * K + 1, device=x.device))
-    if xp is np:
-        tau = np.bincount(flat.ravel(), weights=tau_bin.ravel(), minlength=b * Fp)
     else:
-        tau = xp.zeros(b * Fp, dtype=x.dtype, device=x.device)
-        tau = tau.index_add(0, flat.reshape(-1), tau_bin.reshape(-1))
+        z = z0 + np.arange(-K, K + 2) * dz  # (b, L, W+1) sub-channel edges
+        mass = 0.5 * (erf(z[..., 1:]) - erf(z[..., :-1]))  # (b, L, W)
+    tau_bin = (tau_chan * n_sub)[..., None] * mass  # mean opacity on each sub-channel
+    first = (np.arange(b)[:, None] * Fp + j0.astype(np.int64) + pad - K)[..., None]  # (b, L, 1)
+    flat = first + np.arange(2 * K + 1)
+    tau = np.bincount(flat.ravel(), weights=tau_bin.ravel(), minlength=b * Fp)
     tau = tau.reshape(b, Fp)[:, pad : pad + n_sub * C]  # (b, n_sub C)
-    absorbed = -xp.expm1(-tau).reshape(b, C, n_sub).mean(-1)  # (b, C)
+    absorbed = -np.expm1(-tau).reshape(b, C, n_sub).mean(-1)  # (b, C)
     return amp * absorbed
 
 
-def _integrated_tau(xp, as_x, lines: Molecule, T_ex, N):
-    """tau_t [MHz] of each line (see `spectrum`), T_ex and N (B, 1) -> (B, L)."""
-    nu, A, gu, El = (as_x(a) for a in (lines.freq_MHz, lines.A_s, lines.g_u, lines.E_low_K))
-    log10_Q = log10_partition(xp, T_ex, as_x(lines.Q_T_K), as_x(lines.log10_Q))
-    boltz = xp.exp(-El / T_ex) * -xp.expm1(-H_OVER_K_K_PER_MHZ * nu / T_ex)
-    return C2_OVER_8PI * N * A * gu * boltz / (10.0**log10_Q * nu**2)
+def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndarray:
+    """The second half of `spectrum`: channel-averaged brightness from a line_layout.
+
+    Args:
+        layout: from line_layout. T_bg_K: scalar or (C,) [K]. cmb: subtract J(nu, T_CMB).
+        channels: None for every channel, or sorted channel indices (n,) holding every channel
+            that touched_channels gives (the model is 0 elsewhere); the values there are those
+            of the full window, computed at the cost of the n channels only.
+    Returns:
+        (B, C) or (B, n) brightness temperature [K].
+    """
+    f, P, C = layout["f"], layout["P"], layout["f"].size
+    idx = np.arange(C) if channels is None else np.asarray(channels, dtype=int)
+    out = np.zeros((len(P), idx.size))
+    if layout["L"] == 0 or idx.size == 0:
+        return out
+    x = layout["x"]
+    if channels is not None:  # move each line by a whole number of channels onto `idx`
+        starts = np.flatnonzero(np.diff(idx, prepend=-2) != 1)  # runs of consecutive channels
+        shift = idx[starts] - starts  # full index - compressed index within each run
+        n, K = layout["n_sub"][:, None], layout["K"][:, None]
+        lo = np.clip(np.floor_divide(np.floor(x * n) - K, n), 0, C - 1).astype(int)
+        run = np.clip(np.searchsorted(idx[starts], lo, side="right") - 1, 0, starts.size - 1)
+        hi = np.floor_divide(np.floor(x * n) + K, n)
+        away = (hi < 0) | (lo > C - 1) | (hi < idx[0])  # touches nothing: far below the grid
+        x = np.where(away, -4.0 * K - 8.0, x - shift[run])
+    eta, T_ex = P[:, 0:1], P[:, 1:2]
+    dJ = planck_J_K(np, f[idx], T_ex) - planck_J_K(np, f[idx], T_CMB_K) * cmb  # (B, n)
+    amp = eta * (dJ - np.broadcast_to(np.asarray(T_bg_K, dtype=float), f.shape)[idx])
+    n_sub, K, simpson = layout["n_sub"], layout["K"], layout["simpson"]
+    group = (n_sub.astype(np.int64) << 32) + (K.astype(np.int64) << 1) + simpson
+    for g in np.unique(group):
+        rows = np.flatnonzero(group == g)
+        n, k, simp = int(n_sub[rows[0]]), int(K[rows[0]]), bool(simpson[rows[0]])
+        step = max(1, int(3e5 // (idx.size * n + 4 * (k + 1) * layout["L"])))
+        for a in range(0, len(rows), step):
+            r = rows[a : a + step]
+            s, tau = layout["s"][r], layout["tau"][r]
+            out[r] = _average_channels(idx.size, n, k, x[r], s, tau, amp[r], simp)
+    return out
 
 
 def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
@@ -220,72 +296,24 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
         freq_MHz: (C,) rest-frame channel centres of one window, ascending or descending,
             C >= 2; channel widths follow from the spacing.
         mol: the molecule (lines out of reach of the window are skipped).
-        params: (..., 5) eta, T_ex [K], N_tot [cm^-2], FWHM [km/s], v_off [km/s]; a numpy
-            array, or a torch tensor for the differentiable path (the same code runs).
+        params: (..., 5) eta, T_ex [K], N_tot [cm^-2], FWHM [km/s], v_off [km/s].
         T_bg_K: continuum brightness under the line [K], scalar or (C,).
         cmb: subtract J(nu, T_CMB) (METHOD §2).
     Returns:
-        (..., C) brightness temperature [K], numpy or torch like `params`.
+        (..., C) brightness temperature [K].
     Raises:
         ValueError: empty or non-finite frequencies, or parameters out of range.
     """
-    if isinstance(params, (list, tuple)):
-        params = np.asarray(params, dtype=float)
-    xp, erf_fn = _ops(params)
+    params = np.asarray(params, dtype=float)
     freq = np.asarray(freq_MHz, dtype=float)
     if freq.ndim != 1 or freq.size == 0 or not np.isfinite(freq).all():
         raise ValueError(f"freq_MHz must be a non-empty 1-D finite array, got shape {freq.shape}")
     _check_params(params)
     flip = freq[-1] < freq[0]
-    f = freq[::-1].copy() if flip else freq
-    edges = _channel_edges(f)
-    f0 = edges[0]  # frequencies enter as offsets from f0, so float32 keeps sub-kHz precision
-    batch_shape, C = tuple(params.shape[:-1]), len(f)
-    P = params.reshape(-1, 5)
-    p_np = np.asarray(P.detach().cpu()) if xp is not np else P
-    reach_kms = np.abs(p_np[:, 4]).max() + N_SIGMA_MAX * p_np[:, 3].max() / FWHM_PER_SIGMA
-    lines = select_lines(mol, f0 * (1 - reach_kms / C_KMS), edges[-1] * (1 + reach_kms / C_KMS))
-    if xp is np:
-        out, as_x = np.zeros((len(P), C)), np.asarray
-    else:
-        out = xp.zeros((P.shape[0], C), dtype=P.dtype, device=P.device)
-
-        def as_x(a):
-            return xp.tensor(np.asarray(a, dtype=float), dtype=P.dtype, device=P.device)
-
-    if lines.freq_MHz.size:
-        nu = as_x(lines.freq_MHz)
-        eta, T_ex, N, fwhm, v_off = (P[:, k : k + 1] for k in range(5))  # each (B, 1)
-        tau_int = _integrated_tau(xp, as_x, lines, T_ex, N)  # (B, L) [MHz]
-        mu = as_x(lines.freq_MHz - f0) - nu * v_off / C_KMS  # centre - f0, (B, L) [MHz]
-        sigma = fwhm / FWHM_PER_SIGMA * (nu / C_KMS) * (1.0 - v_off / C_KMS)  # (B, L) [MHz]
-        dJ = planck_J_K(xp, as_x(f), T_ex) - as_x(planck_J_K(np, f, T_CMB_K) * cmb)  # (B, C)
-        amp = eta * (dJ - as_x(np.broadcast_to(np.asarray(T_bg_K, dtype=float), f.shape)))
-        widths = np.diff(edges)
-        e_x, w_x = as_x(edges - f0), as_x(widths)
-        i = xp.clip(xp.searchsorted(e_x, mu.detach() if xp is not np else mu) - 1, 0, C - 1)
-        x = i + (mu - e_x[i]) / w_x[i]  # (B, L) centre in channel-index units
-        s_chan, tau_chan = sigma / w_x[i], tau_int / w_x[i]  # sigma and integrated tau [channels]
-        s_np, t_np = (
-            np.asarray(a.detach().cpu()) if xp is not np else a for a in (s_chan, tau_chan)
-        )
-        n_sub, K = _plan(s_np, t_np / (math.sqrt(2 * math.pi) * s_np))
-        group = n_sub * 4096 + 2 ** np.ceil(np.log2(K)).astype(int)  # similar n_sub and K
-        for g in np.unique(group):
-            rows = np.flatnonzero(group == g)
-            n = int(n_sub[rows[0]])
-            step = max(1, int(3e5 // (C * n + 4 * (K[rows].max() + 1) * len(lines.freq_MHz))))
-            for s in range(0, len(rows), step):
-                r = rows[s : s + step] if xp is np else xp.as_tensor(rows[s : s + step])
-                kr = int(K[np.asarray(r)].max())
-                val = _average_channels(xp, erf_fn, C, n, kr, x[r], s_chan[r], tau_chan[r], amp[r])
-                if xp is np:
-                    out[r] = val
-                else:
-                    out = out.index_copy(0, r.to(P.device), val)
-    if flip:
-        out = out[:, ::-1] if xp is np else xp.flip(out, (1,))
-    return out.reshape(*batch_shape, C)
+    T_bg = np.broadcast_to(np.asarray(T_bg_K, dtype=float), freq.shape)
+    f, T_bg = (freq[::-1].copy(), T_bg[::-1]) if flip else (freq, T_bg)
+    out = render(line_layout(f, mol, params.reshape(-1, 5)), T_bg, cmb)
+    return (out[:, ::-1] if flip else out).reshape(*params.shape[:-1], freq.size)
 
 
 def peak_opacity(freq_MHz, mol: Molecule, params) -> np.ndarray:
@@ -298,7 +326,7 @@ def peak_opacity(freq_MHz, mol: Molecule, params) -> np.ndarray:
     Args:
         freq_MHz: (C,) rest-frame channel centres of the window.
         mol: the molecule.
-        params: (..., 5) as in `spectrum` (numpy).
+        params: (..., 5) as in `spectrum`.
     Returns:
         (...) tau_0, 0 where no line falls in the window.
     """
@@ -309,19 +337,12 @@ def peak_opacity(freq_MHz, mol: Molecule, params) -> np.ndarray:
     lines = select_lines(mol, freq.min() * (1 - v_max / C_KMS), freq.max() * (1 + v_max / C_KMS))
     if lines.freq_MHz.size == 0:
         return np.zeros(np.shape(params)[:-1])
-    tau_int = _integrated_tau(np, np.asarray, lines, P[:, 1:2], P[:, 2:3])  # (B, L) [MHz]
+    tau_int = _integrated_tau(lines, P[:, 1:2], P[:, 2:3])  # (B, L) [MHz]
     mu = lines.freq_MHz * (1.0 - P[:, 4:5] / C_KMS)  # (B, L) line centres
     sigma = P[:, 3:4] / FWHM_PER_SIGMA * (lines.freq_MHz / C_KMS) * (1.0 - P[:, 4:5] / C_KMS)
     tau_0 = np.where((mu >= freq.min()) & (mu <= freq.max()), tau_int, 0.0)
     tau_0 = tau_0 / (math.sqrt(2 * math.pi) * sigma)
     return tau_0.max(axis=-1).reshape(np.shape(params)[:-1])
-
-
-def spectrum_torch(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
-    """`spectrum` for a torch tensor `params` (..., 5): the same code, differentiable."""
-    import torch
-
-    return spectrum(freq_MHz, mol, torch.as_tensor(params), T_bg_K, cmb)
 
 
 def select_lines(mol: Molecule, freq_min_MHz: float, freq_max_MHz: float) -> Molecule:

@@ -22,18 +22,28 @@ import sys
 import time
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-from scipy.signal import find_peaks, peak_widths
 
 import lte
+from losses import LOSSES, PEAK_SIGMA, find_spans, fp_weight, loss_chi2, loss_pm  # noqa: F401
 from optimise import (
     gauss_newton_errors,
     pso,
     random_starts,
     refine_nelder_mead,
     refine_slsqp,
+)
+from problem import (  # noqa: F401  (the box and window are part of this module's API)
+    DEFAULT_BOUNDS,
+    ETA_MAX,
+    IS_LOG,
+    PARAM_NAMES,
+    Problem,
+    Window,
+    make_box,
+    to_physical,
+    to_unit,
 )
 
 
@@ -63,223 +73,7 @@ class Config:
     out: str = "model.txt"  # model: output spectrum (freq MHz, T K); _i suffix for several grids
 
 
-PARAM_NAMES = ("eta", "T_ex", "N_tot", "delta_v", "v_off")
-IS_LOG = np.array([True, True, True, True, False])  # §3: the box is linear in log10 of these
-ETA_MAX = 1.0 - 1e-6  # eta = 1 would be an infinite source (§3: capped just below 1)
-DEFAULT_BOUNDS = {
-    "eta": (1e-3, ETA_MAX),
-    "T_ex": (3.0, 1000.0),
-    "N_tot": (1e12, 1e20),
-    "delta_v": (0.3, 30.0),
-    "v_off": (-12.0, 12.0),
-}
-PEAK_SIGMA = 4.0  # §4: peaks need height and prominence >= 4 rms
 NEARLY_THIN_TAU = 0.2  # below this peak opacity the eta and N_tot errors get a warning (README)
-
-
-class Window(NamedTuple):
-    """One observed window; freq_MHz in the observed (LSRK) frame as in the file."""
-
-    freq_MHz: np.ndarray
-    T_obs_K: np.ndarray
-    rms_K: float | np.ndarray
-    T_bg_K: float = 0.0
-    beam_arcsec: float | None = None
-
-
-# --- parameter box (§3) ---
-
-
-def make_box(mol_names: list[str], bounds: dict | None = None, fix: dict | None = None) -> dict:
-    """Box of the 5 k parameters of k molecules in internal coordinates q (log10 where IS_LOG).
-
-    Args:
-        mol_names: molecule names, in parameter order.
-        bounds: {NAME or "MOL:NAME": (lo, hi)} in physical units, overriding DEFAULT_BOUNDS.
-        fix: {NAME or "MOL:NAME": value} in physical units; these are not optimised.
-
-    Returns:
-        dict with q_lo, q_hi (5 k,), x_fix (5 k,) physical (NaN where free), free and log (5 k,)
-        bool, names (5 k,) "MOL:NAME".
-
-    Raises:
-        ValueError: unknown molecule or parameter name, lo >= hi, or a non-positive log parameter.
-    """
-    n = 5 * len(mol_names)
-    lo, hi = np.tile([[DEFAULT_BOUNDS[p][i] for p in PARAM_NAMES] for i in (0, 1)], len(mol_names))
-    value = np.full(n, np.nan)
-    for table, is_range in ((bounds or {}, True), (fix or {}, False)):
-        for key, val in table.items():
-            for i in _param_indices(key, mol_names):
-                lo_i, hi_i = val if is_range else (val, val)
-                if is_range and not lo_i < hi_i:
-                    raise ValueError(f"bounds for {key}: low {lo_i} must be below high {hi_i}")
-                if IS_LOG[i % 5] and lo_i <= 0:
-                    raise ValueError(f"{key}={lo_i}: {PARAM_NAMES[i % 5]} must be positive")
-                lo[i], hi[i] = (lo_i, hi_i) if is_range else (lo[i], hi[i])
-                value[i] = np.nan if is_range else val
-    log = np.tile(IS_LOG, len(mol_names))
-    q_lo, q_hi = (np.where(log, np.log10(np.where(log, a, 1.0)), a) for a in (lo, hi))
-    names = [f"{m}:{p}" for m in mol_names for p in PARAM_NAMES]
-    return dict(q_lo=q_lo, q_hi=q_hi, x_fix=value, free=np.isnan(value), log=log, names=names)
-
-
-def _param_indices(key: str, mol_names: list[str]) -> list[int]:
-    """Indices into the 5 k vector for "NAME" (every molecule) or "MOL:NAME"."""
-    mol, _, name = key.rpartition(":")
-    if name not in PARAM_NAMES:
-        raise ValueError(
-            f"unknown parameter {key!r}; expected [MOL:]NAME with NAME in {PARAM_NAMES}"
-        )
-    if mol and mol not in mol_names:
-        raise ValueError(f"unknown molecule {mol!r} in {key!r}; fitted molecules: {mol_names}")
-    return [5 * k + PARAM_NAMES.index(name) for k, m in enumerate(mol_names) if mol in ("", m)]
-
-
-def to_physical(U: np.ndarray, box: dict) -> np.ndarray:
-    """Free unit-cube coordinates U (B, n_free) -> physical parameters (B, 5 k)."""
-    U = np.clip(np.atleast_2d(U), 0.0, 1.0)
-    free, log = box["free"], box["log"][box["free"]]
-    X = np.tile(box["x_fix"], (U.shape[0], 1))  # fixed values exactly as given
-    q = box["q_lo"][free] + U * (box["q_hi"][free] - box["q_lo"][free])
-    X[:, free] = np.where(log, 10.0**q, q)
-    return X
-
-
-def to_unit(X: np.ndarray, box: dict) -> np.ndarray:
-    """Physical parameters X (B, 5 k) -> free unit-cube coordinates (B, n_free), the inverse."""
-    X = np.atleast_2d(X)
-    q = np.where(box["log"], np.log10(np.where(box["log"], X, 1.0)), X)[:, box["free"]]
-    lo, hi = box["q_lo"][box["free"]], box["q_hi"][box["free"]]
-    return (q - lo) / (hi - lo)
-
-
-# --- losses (§4), batched: T_model (B, C) against one observed window (C,) ---
-
-
-def loss_chi2(T_model: np.ndarray, T_obs: np.ndarray, rms_K, obs=None) -> np.ndarray:
-    """0.5 mean(((T_obs - T_model) / rms)^2) over channels, (B, C) -> (B,); obs is unused."""
-    return 0.5 * np.mean(((T_obs - np.atleast_2d(T_model)) / rms_K) ** 2, axis=-1)
-
-
-def find_spans(T_K: np.ndarray, rms_K) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Peaks with height and prominence >= 4 rms and their merged spans (§4).
-
-    A peak's span is its width at 25 % of its prominence below the top (peak_widths
-    rel_height=0.25); overlapping (or touching) spans are merged.
-
-    Returns:
-        spans (n, 2) fractional channel edges, tops (n,) channel of each span's highest peak,
-        peaks (m,) channels of all peaks.
-    """
-    rms = np.broadcast_to(rms_K, T_K.shape)
-    peaks, _ = find_peaks(T_K, height=PEAK_SIGMA * rms, prominence=PEAK_SIGMA * np.median(rms))
-    if peaks.size == 0:
-        return np.empty((0, 2)), np.empty(0, dtype=int), peaks
-    left, right = peak_widths(T_K, peaks, rel_height=0.25)[2:]
-    order = np.argsort(left, kind="stable")
-    left, right, pk = left[order], right[order], peaks[order]
-    reach = np.maximum.accumulate(right)
-    group = np.concatenate(([0], np.cumsum(left[1:] > reach[:-1])))  # a new span starts here
-    starts = np.flatnonzero(np.diff(group, prepend=-1))
-    spans = np.c_[left[starts], np.maximum.reduceat(right, starts)]
-    best = np.lexsort((np.arange(pk.size), -T_K[pk], group))  # per span: highest, then first
-    tops = pk[best[np.searchsorted(group[best], np.arange(starts.size))]]
-    return spans, tops, peaks
-
-
-def _cum_trapz(Y: np.ndarray) -> np.ndarray:
-    """Trapezoid integral of Y (..., C) from channel 0 to each channel, (..., C)."""
-    out = np.zeros(Y.shape)
-    np.cumsum(0.5 * (Y[..., 1:] + Y[..., :-1]), axis=-1, out=out[..., 1:])
-    return out
-
-
-def _span_means(y: np.ndarray, cum: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Means of the linear interpolant of y (channels 0..C-1) over spans [a, b] (fractional).
-
-    The exact integral of the interpolant (= the trapezoid rule on its breakpoints) divided by
-    the width; cum = _cum_trapz(y) makes each span O(1).
-    """
-
-    def integral(x):
-        i = np.clip(np.floor(x).astype(int), 0, y.size - 2)
-        t = x - i
-        return cum[i] + t * y[i] + 0.5 * t * t * (y[i + 1] - y[i])
-
-    width = b - a
-    inside = width > 0
-    return np.where(
-        inside,
-        (integral(b) - integral(a)) / np.where(inside, width, 1.0),
-        np.interp(a, np.arange(y.size), y),
-    )
-
-
-def fp_weight(x: float, peaks_obs: np.ndarray, n_chan: int) -> float:
-    """False-positive weight at channel x: 0 at an observed peak, 1 half-way to the next (§4).
-
-    Beyond the outermost peaks the half-gap on their inner side is used, and half the window
-    when there is one observed peak (ours); with none the weight is 1.
-    """
-    p = np.sort(peaks_obs).astype(float)
-    if p.size == 0:
-        return 1.0
-    half = np.diff(p) / 2 if p.size > 1 else np.array([n_chan / 2])
-    j = np.searchsorted(p, x)
-    if 0 < j < p.size:
-        return min(1.0, min(x - p[j - 1], p[j] - x) / half[j - 1])
-    return min(1.0, abs(x - p[min(j, p.size - 1)]) / half[0 if j == 0 else -1])
-
-
-def loss_pm(T_model: np.ndarray, T_obs: np.ndarray, rms_K, obs=None) -> np.ndarray:
-    """Peak-matching loss of Spectuner (§4), (B, C) -> (B,); lower is better, < 0 when matched.
-
-    Args:
-        T_model: model spectra (B, C) or (C,), K.
-        T_obs: observed spectrum (C,), K.
-        rms_K: noise, scalar or (C,), K.
-        obs: find_spans(T_obs, rms_K), computed once per window by the caller; None = here.
-
-    Returns:
-        (B,) mean |T_obs - T_model| + true-positive terms + weighted false-positive terms.
-    """
-    T_model = np.atleast_2d(T_model)
-    spans_o, _, peaks_o = find_spans(T_obs, rms_K) if obs is None else obs
-    floor = PEAK_SIGMA * np.broadcast_to(rms_K, T_obs.shape)  # P = 4 rms
-    resid = np.abs(T_obs - T_model)  # (B, C)
-    out = np.mean(resid, axis=-1)
-    cum_obs = _cum_trapz(T_obs)
-    width_o = spans_o[:, 1] - spans_o[:, 0]
-    for b, T_m in enumerate(T_model):
-        spans_m, tops_m, _ = find_spans(T_m, rms_K)
-        if spans_m.size == 0:
-            continue
-        lo = np.maximum(spans_o[None, :, 0], spans_m[:, None, 0])  # (n_m, n_o) overlaps I
-        hi = np.minimum(spans_o[None, :, 1], spans_m[:, None, 1])
-        im, io = np.nonzero(hi > lo)
-        if im.size:  # true positives: every overlap of an observed and a model span
-            a, c = lo[im, io], hi[im, io]
-            obs_I = _span_means(T_obs, cum_obs, a, c)
-            mod_I = _span_means(T_m, _cum_trapz(T_m), a, c)
-            res_I = _span_means(resid[b], _cum_trapz(resid[b]), a, c)
-            dice = 2 * (c - a) / (width_o[io] + spans_m[im, 1] - spans_m[im, 0])
-            term = res_I - dice * obs_I
-            out[b] += np.where(mod_I < obs_I, np.minimum(term, 0.0), term).sum()  # blends
-        lonely = np.flatnonzero(~(hi > lo).any(axis=1))
-        if lonely.size:  # false positives: model peaks where nothing was observed
-            a, c = spans_m[lonely, 0], spans_m[lonely, 1]
-            over_obs, over_floor = np.maximum(0, T_m - T_obs), np.maximum(0, T_m - floor)
-            excess = np.minimum(
-                _span_means(over_obs, _cum_trapz(over_obs), a, c),
-                _span_means(over_floor, _cum_trapz(over_floor), a, c),
-            )
-            weight = [fp_weight(t, peaks_o, T_obs.size) for t in tops_m[lonely]]
-            out[b] += np.dot(weight, excess)
-    return out
-
-
-LOSSES = {"chi2": loss_chi2, "pm": loss_pm}
 
 
 # --- methods (§7): a start (random, swarm or network) and a local refinement ---
@@ -378,7 +172,7 @@ def line_table(mol, mcfg) -> dict:
     return table
 
 
-def _policy_tokens(mcfg, prep: list, molecules: list, box: dict):
+def _policy_tokens(mcfg, windows: list, molecules: list, box: dict):
     """Each molecule's tokens for one spectrum, or (None, reason) when the spectrum is outside
     what the network was trained on (a box beyond the training box, no transition in reach)."""
     import model
@@ -388,11 +182,9 @@ def _policy_tokens(mcfg, prep: list, molecules: list, box: dict):
         box["q_hi"] > train_box["q_hi"] + 1e-9
     ):
         return None, "bounds reach beyond the box the network was trained on"
-    wins = [dict(freq_MHz=w["freq"], T_K=w["T"], rms_K=w["rms"], T_bg_K=w["T_bg"],
-                 beam_arcsec=w["beam"]) for w in prep]  # fmt: skip
     tokens = []
     for mol in molecules:
-        tokens.append(model.make_tokens(wins, line_table(mol, mcfg), mcfg))
+        tokens.append(model.make_tokens(windows, line_table(mol, mcfg), mcfg))
         if tokens[-1]["spec"].shape[0] == 0:
             return None, f"{mol.name} has no transition in reach of the windows"
     return tokens, ""
@@ -424,7 +216,7 @@ def _policy_draw(net, token_sets: list, n: int, seeds: list, names: list, box: d
     return U
 
 
-def policy_sampler(policy, prep: list, molecules: list, box: dict, seed: int):
+def policy_sampler(policy, windows: list, molecules: list, box: dict, seed: int):
     """propose(n) -> (n, n_free) unit-cube starts from the network for one spectrum.
 
     Returns:
@@ -432,7 +224,7 @@ def policy_sampler(policy, prep: list, molecules: list, box: dict, seed: int):
         the network was trained on.
     """
     net, mcfg = load_policy(str(policy)) if isinstance(policy, (str, Path)) else policy
-    tokens, reason = _policy_tokens(mcfg, prep, molecules, box)
+    tokens, reason = _policy_tokens(mcfg, windows, molecules, box)
     if tokens is None:
         return None, reason
     names = [m.name for m in molecules]
@@ -460,9 +252,8 @@ def policy_starts(spectra: list, molecules: list, n: int, seeds, policy=None,
     seeds = np.broadcast_to(seeds, len(spectra))
     for windows in spectra:
         try:
-            tokens, reason = _policy_tokens(
-                mcfg, _prepare(windows, molecules, _margin_kms(box), v_lsr_kms), molecules, box
-            )
+            rest = Problem(windows, molecules, box, v_lsr_kms=v_lsr_kms).windows
+            tokens, reason = _policy_tokens(mcfg, rest, molecules, box)
         except ValueError as err:
             tokens, reason = None, str(err)
         out.append(reason)
@@ -476,60 +267,7 @@ def policy_starts(spectra: list, molecules: list, n: int, seeds, policy=None,
     return out
 
 
-def _margin_kms(box: dict) -> float:
-    """How far (km/s) beyond a window a line can still reach it within the box."""
-    q_v = np.concatenate([box[k][4::5] for k in ("q_lo", "q_hi", "x_fix")])
-    return float(np.nanmax(np.abs(q_v)) + 3 * 10 ** box["q_hi"][3::5].max())
-
-
-# --- the model over windows and the fit ---
-
-
-def _prepare(windows: list[Window], molecules: list, margin_kms: float, v_lsr_kms: float) -> list:
-    """Rest-frame windows with each molecule's lines within margin_kms of them."""
-    if not windows:
-        raise ValueError("no spectral window given")
-    prep = []
-    for w in windows:
-        freq = np.asarray(w.freq_MHz, dtype=float) * (1.0 + v_lsr_kms / lte.C_KMS)
-        lo, hi = (
-            freq.min() * (1 - margin_kms / lte.C_KMS),
-            freq.max() * (1 + margin_kms / lte.C_KMS),
-        )
-        T = np.asarray(w.T_obs_K, dtype=float)
-        rms = np.broadcast_to(np.asarray(w.rms_K, dtype=float), T.shape)
-        mols = [lte.select_lines(m, lo, hi) for m in molecules]
-        prep.append(dict(freq=freq, T=T, rms=rms, T_bg=w.T_bg_K, mols=mols, nu_c=freq.mean(),
-                         beam=w.beam_arcsec))  # fmt: skip
-    for k, m in enumerate(molecules):
-        if all(p["mols"][k].freq_MHz.size == 0 for p in prep):
-            ranges = ", ".join(f"{p['freq'].min():.1f}-{p['freq'].max():.1f}" for p in prep)
-            raise ValueError(
-                f"molecule {m.name} has no line within {margin_kms:.0f} km/s of the "
-                f"windows (rest frame, MHz): {ranges}"
-            )
-    return prep
-
-
-def _forward(X: np.ndarray, prep: list, nu_ref_MHz: float | None = None) -> list[np.ndarray]:
-    """Summed model of all molecules per window, X (B, 5 k) -> list of (B, C) (§2)."""
-    out = []
-    for w in prep:
-        T = np.zeros((X.shape[0], w["freq"].size))
-        for k, mol in enumerate(w["mols"]):
-            if mol.freq_MHz.size == 0:
-                continue
-            p = X[:, 5 * k : 5 * k + 5].copy()
-            if nu_ref_MHz is not None:  # single dish: eta fitted at nu_ref, theta_beam ~ 1 / nu
-                p[:, 0] = p[:, 0] / (p[:, 0] + (1 - p[:, 0]) * (nu_ref_MHz / w["nu_c"]) ** 2)
-            T += lte.spectrum(w["freq"], mol, p, T_bg_K=w["T_bg"])
-        out.append(T)
-    return out
-
-
-def _ref_freq(prep: list) -> float:
-    """Centre of the data (rest frame, MHz): where a single dish's eta is fitted."""
-    return 0.5 * (min(w["freq"].min() for w in prep) + max(w["freq"].max() for w in prep))
+# --- the fit ---
 
 
 def fit_spectrum(
@@ -588,24 +326,16 @@ def fit_spectrum(
     box = make_box(names, bounds, fix)
     if not box["free"].any():
         raise ValueError("every parameter is fixed: nothing to fit (use the model command)")
-    prep = _prepare(windows, molecules, _margin_kms(box), v_lsr_kms)
-    nu_ref = _ref_freq(prep) if dish_m else None
-    obs = [find_spans(w["T"], w["rms"]) for w in prep]  # observed peaks once (§4)
-
-    def objective(U):
-        models = _forward(to_physical(U, box), prep, nu_ref)
-        return sum(LOSSES[loss](m, w["T"], w["rms"], o) for m, w, o in zip(models, prep, obs))
-
-    def resid(U):
-        models = _forward(to_physical(U, box), prep, nu_ref)
-        return np.concatenate([(w["T"] - m) / w["rms"] for m, w in zip(models, prep)], axis=1)
+    objective = Problem(windows, molecules, box, loss, v_lsr_kms, dish_m)
 
     rng = np.random.default_rng(seed)
     n_free = int(box["free"].sum())
     kw, fallback = {}, ""
     if method.startswith("nn"):
         if starts is None:
-            propose, fallback = policy_sampler(policy or DEFAULT_POLICY, prep, molecules, box, seed)
+            propose, fallback = policy_sampler(
+                policy or DEFAULT_POLICY, objective.windows, molecules, box, seed
+            )
         elif isinstance(starts, str):  # policy_starts said why the network cannot propose
             propose, fallback = None, starts
         else:
@@ -617,8 +347,9 @@ def fit_spectrum(
     u, best, nfev, status = METHODS[method](
         objective, n_free, n_init, rng, n_restarts=pso_restarts, **kw
     )
+    assert nfev == objective.nfev, (nfev, objective.nfev)  # every model run is counted
     free_names = [n for n, f in zip(box["names"], box["free"]) if f]
-    sigma_u, notes_u, nfev_err = gauss_newton_errors(resid, u, free_names)
+    sigma_u, notes_u, nfev_err = gauss_newton_errors(objective.resid, u, free_names)
 
     X = to_physical(u, box)[0]
     sigma = np.full(X.size, np.nan)
@@ -631,8 +362,8 @@ def fit_spectrum(
             notes[i] = "unconstrained: 1-sigma beyond a factor of 10"
     sigma[list(notes)] = np.nan
     tau_max = {
-        m.name: max(float(lte.peak_opacity(w["freq"], w["mols"][k], X[5 * k : 5 * k + 5]))
-                    for w in prep)
+        m.name: max(float(lte.peak_opacity(w.freq_MHz, lines[k], X[5 * k : 5 * k + 5]))
+                    for w, lines in zip(objective.windows, objective.lines))
         for k, m in enumerate(molecules)
     }  # fmt: skip
     remarks_thin = {
@@ -662,6 +393,7 @@ def fit_spectrum(
     for i, reason in {**remarks_thin, **notes}.items():  # why NaN, else a warning
         result["error_notes"][names[i // 5]][PARAM_NAMES[i % 5]] = reason
     if dish_m:
+        nu_ref = objective.nu_ref
         beam_ref = 1.22 * lte.C_KMS * 1e3 / (nu_ref * 1e6 * dish_m) * 206264.806  # arcsec
         eta = X[0::5]
         result["source_size_arcsec"] = dict(
@@ -684,9 +416,12 @@ def model_windows(
         list of (C,) arrays, K, one per window (eta is the value at the data centre if dish_m).
     """
     X = np.array([[params[m.name][p] for p in PARAM_NAMES] for m in molecules]).reshape(1, -1)
-    margin_kms = np.abs(X[0, 4::5]).max() + 3 * X[0, 3::5].max()
-    prep = _prepare(windows, molecules, margin_kms, v_lsr_kms)
-    return [T[0] for T in _forward(X, prep, _ref_freq(prep) if dish_m else None)]
+    names = [m.name for m in molecules]
+    fix = {f"{n}:{p}": X[0, 5 * k + i] for k, n in enumerate(names)
+           for i, p in enumerate(PARAM_NAMES)}  # fmt: skip
+    fit = Problem(windows, molecules, make_box(names, fix=fix), "chi2", v_lsr_kms, dish_m)
+    back = [np.argsort(np.argsort(np.asarray(w.freq_MHz), kind="stable")) for w in windows]
+    return [T[0][order] for T, order in zip(fit.model(X), back)]  # in each file's own order
 
 
 # --- command line ---

@@ -121,7 +121,7 @@ class Config:
 GROUP_EDGES = np.array([1, 4, 16, 64])  # peak-count groups: 0, 1-3, 4-15, 16-63, 64+
 METRICS = "step time_s reward best_loss adv_abs entropy beta n_replay buf it_s".split()
 LOSS_SCALE = {  # natural unit of each loss on a state: pm is in K, chi2 in units of sigma^2
-    "pm": lambda s: float(np.mean([np.mean(w["rms_K"]) for w in s["windows"]])),
+    "pm": lambda s: float(np.mean([np.mean(w.rms_K) for w in s["problem"].windows])),
     "chi2": lambda s: 1.0,
 }
 EVAL_KEYS = ["eval_win_train", "eval_gain_train", "eval_win_hold", "eval_gain_hold"]
@@ -157,10 +157,8 @@ def load_real(folder: str, v_lsr_kms: float) -> list:
         for row in csv.DictReader(fh):
             f, T = np.loadtxt(Path(folder) / f"spw{row['spw']}.dat", unpack=True)
             f = f * (1.0 + v_lsr_kms / lte.C_KMS)
-            wins.append(
-                dict(freq_MHz=f, T_K=T, rms_K=float(row["rms_K"]), T_bg_K=float(row["T_bg_K"]),
-                     beam_arcsec=float(row["beam_fwhm_arcsec"]))
-            )  # fmt: skip
+            wins.append(spectuner.Window(f, T, float(row["rms_K"]), float(row["T_bg_K"]),
+                                         float(row["beam_fwhm_arcsec"])))  # fmt: skip
     return wins
 
 
@@ -198,7 +196,7 @@ def synthetic_windows(rng, target, others: list, box: dict, cfg: Config) -> tupl
         T = rng.normal(0.0, rms, f.size) + keep_target * T_t[pick]
         for mol, x in zip(others, X):
             T += lte.spectrum(f, mol, x[None], T_bg_K=T_bg)[0]
-        wins.append(dict(freq_MHz=f, T_K=T, rms_K=rms, T_bg_K=T_bg, beam_arcsec=beam))
+        wins.append(spectuner.Window(f, T, rms, T_bg, beam))
     return wins, U[pick] if keep_target else None
 
 
@@ -218,26 +216,12 @@ def make_state(sid: int, kind: int, ctx: dict, cfg: Config) -> dict:
         others = [ctx["train"][pool[i]] for i in rng.choice(len(pool), n_other, replace=False)]
         wins, u_true = synthetic_windows(rng, targets[name], others, ctx["box"], cfg)
     mol = targets[name]
-    reach = 1.0 + 120.0 / lte.C_KMS  # |v_off| <= 12 km/s plus 3 FWHM of 30 km/s
-    sel = [lte.select_lines(mol, w["freq_MHz"].min() / reach, w["freq_MHz"].max() * reach)
-           for w in wins]  # fmt: skip
-    obs = [spectuner.find_spans(w["T_K"], w["rms_K"]) for w in wins]
+    fit = spectuner.Problem(wins, [mol], ctx["box"], cfg.loss)  # the fit's own loss (§4)
     return dict(
-        sid=sid, name=name, windows=wins, mols=sel, obs=obs,
-        n_peaks=sum(o[2].size for o in obs), real=real, u_true=u_true,
-        tokens=model.make_tokens(wins, spectuner.line_table(mol, ctx["mcfg"]), ctx["mcfg"]),
+        sid=sid, name=name, problem=fit, n_peaks=sum(c["obs"][2].size for c in fit.consts),
+        real=real, u_true=u_true,
+        tokens=model.make_tokens(fit.windows, spectuner.line_table(mol, ctx["mcfg"]), ctx["mcfg"]),
     )  # fmt: skip
-
-
-def state_losses(state: dict, U: np.ndarray, box: dict, loss: str) -> np.ndarray:
-    """Loss of each action U (S, 5) on a state, summed over its windows (METHOD §4) -> (S,)."""
-    X = spectuner.to_physical(U, box)
-    out = np.zeros(len(X))
-    for w, mol, obs in zip(state["windows"], state["mols"], state["obs"]):
-        T = lte.spectrum(w["freq_MHz"], mol, X, T_bg_K=w["T_bg_K"]) if mol.freq_MHz.size else 0.0
-        out += spectuner.LOSSES[loss](np.broadcast_to(T, (len(X), w["T_K"].size)), w["T_K"],
-                                      w["rms_K"], obs)  # fmt: skip
-    return out
 
 
 def rank_utility(r: np.ndarray, resolution: float) -> np.ndarray:
@@ -320,7 +304,7 @@ def evaluate(net, states: list, rand_best: np.ndarray, box, cfg: Config, n: int 
     with torch.no_grad():
         batch = model.collate([s["tokens"] for s in states], cfg.device)
         u = net.sample(batch, n, generator=gen)[0].double().cpu().numpy()  # (n, B, 5)
-    pol = np.array([state_losses(s, u[:, b], box, cfg.loss).min() for b, s in enumerate(states)])
+    pol = np.array([s["problem"](u[:, b]).min() for b, s in enumerate(states)])
     tol = np.array([cfg.resolution * LOSS_SCALE[cfg.loss](s) for s in states])  # ties below
     gain = (rand_best - pol) / (np.abs(rand_best) + np.abs(pol) + tol)
     return float(np.mean(pol < rand_best - tol)), float(gain.mean())
@@ -384,8 +368,8 @@ def main(cfg: Config) -> dict:
     print(f"molecules train={len(ctx['train'])} hold={len(ctx['hold'])} real={len(ctx['real'])}")
     kinds = [k for k, s in ((1, "train"), (2, "hold")) if cfg.eval_every and ctx[s]]
     evals = [[make_state(i, kind, ctx, cfg) for i in range(cfg.n_eval)] for kind in kinds]
-    rand_best = [np.array([state_losses(s, np.random.default_rng([cfg.seed, 9, i]).random(
-        (50, 5)), box, cfg.loss).min() for i, s in enumerate(e)]) for e in evals]  # fmt: skip
+    rand_best = [np.array([s["problem"](np.random.default_rng([cfg.seed, 9, i]).random((50, 5)))
+                           .min() for i, s in enumerate(e)]) for e in evals]  # fmt: skip
     # --- model and optimiser ---
     net = model.PolicyNet(mcfg).to(cfg.device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -427,7 +411,7 @@ def main(cfg: Config) -> dict:
         with torch.no_grad():
             u = net.sample(batch, K, generator=gen)[0].double().cpu().numpy()  # (K, B, 5)
         losses = np.stack(
-            [state_losses(s, u[:, b], box, cfg.loss) for b, s in enumerate(states)], 1
+            [s["problem"](u[:, b]) for b, s in enumerate(states)], 1
         )
         # member K: a replayed state's stored best action (self imitation), a fresh synthetic
         # state's true parameters (use_truth, ours), else none
@@ -436,7 +420,7 @@ def main(cfg: Config) -> dict:
         for b, s in enumerate(states[:n_fresh]):
             if cfg.use_truth and s["u_true"] is not None:
                 u_all[K, b] = s["u_true"]
-                l_all[K, b] = state_losses(s, s["u_true"][None], box, cfg.loss)[0]
+                l_all[K, b] = s["problem"](s["u_true"][None])[0]
         u_all[K, n_fresh:] = buf.best_u[rep_idx]
         l_all[K, n_fresh:] = buf.best_loss[rep_idx]
         valid = np.isfinite(l_all)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.integrate import trapezoid
 
+import losses
 import lte
 import optimise
 import spectuner as st
@@ -24,7 +25,7 @@ def test_span_means_match_the_trapezoid_rule():
     y = rng.normal(size=50)
     a = rng.uniform(0, 40, 20)
     b = a + rng.uniform(0.1, 9, 20)
-    fast = st._span_means(y, st._cum_trapz(y), a, b)
+    fast = losses._span_means(y, losses._cum_trapz(y), a, b)
     assert np.allclose(fast, [span_mean(y, p, q) for p, q in zip(a, b)], rtol=1e-12, atol=1e-12)
 
 
@@ -77,16 +78,16 @@ def test_box_rejects_bad_input(bounds, fix, match):
 
 def test_chi2_is_zero_for_a_perfect_model_and_noise_weighted():
     T = np.array([1.0, 2.0, 3.0])
-    assert st.loss_chi2(T, T, 0.5)[0] == 0.0
-    assert np.isclose(st.loss_chi2(T + 1.0, T, 0.5)[0], 0.5 * 4.0)
+    assert losses.loss_chi2(T, T, 0.5)[0] == 0.0
+    assert np.isclose(losses.loss_chi2(T + 1.0, T, 0.5)[0], 0.5 * 4.0)
 
 
 def test_find_spans_thresholds_and_merges(toy):
     x, T, rms = toy
-    spans, tops, peaks = st.find_spans(T, rms)
+    spans, tops, peaks = losses.find_spans(T, rms)
     assert len(peaks) == 4 and len(spans) == 3  # the blend at 300/305 is one merged span
     assert tops[1] == 300 and spans[1, 0] < 300 < 305 < spans[1, 1]
-    assert len(st.find_spans(gauss(x, 50, 0.35, 3), rms)[2]) == 0  # 3.5 rms: below 4 rms
+    assert len(losses.find_spans(gauss(x, 50, 0.35, 3), rms)[2]) == 0  # 3.5 rms: below 4 rms
 
 
 def test_pm_perfect_model_is_the_minimum_and_negative(toy):
@@ -99,42 +100,42 @@ def test_pm_perfect_model_is_the_minimum_and_negative(toy):
         + [s * truth for s in (0.7, 0.9, 1.1, 1.3)]
         + [np.roll(truth, k) for k in (-3, 2, 6)]
     )
-    L = st.loss_pm(np.array(family), T, rms)
+    L = losses.loss_pm(np.array(family), T, rms)
     assert L[0] < 0 and np.argmin(L) == 0
 
 
 def test_pm_does_not_punish_under_predicting_a_blend(toy):
     x, T, rms = toy
     partial = gauss(x, 300, 4.0, 1.0)  # a narrow component under the broad blend, half as high
-    spans_m = st.find_spans(partial, rms)[0]
-    spans_o = st.find_spans(T, rms)[0]
+    spans_m = losses.find_spans(partial, rms)[0]
+    spans_o = losses.find_spans(T, rms)[0]
     lo, hi = max(spans_o[1, 0], spans_m[0, 0]), min(spans_o[1, 1], spans_m[0, 1])
     dice = 2 * (hi - lo) / (np.diff(spans_o[1])[0] + np.diff(spans_m[0])[0])
     raw = span_mean(np.abs(T - partial), lo, hi) - dice * span_mean(T, lo, hi)
     assert raw > 0  # without the rule this overlap would cost
     mean_abs = np.mean(np.abs(T - partial))
-    assert np.isclose(st.loss_pm(partial, T, rms)[0], mean_abs)  # ... with it, nothing
+    assert np.isclose(losses.loss_pm(partial, T, rms)[0], mean_abs)  # ... with it, nothing
 
 
 def test_false_positive_weight():
     peaks = np.array([100, 200, 300])
-    assert st.fp_weight(200, peaks, 600) == 0.0
-    assert st.fp_weight(250, peaks, 600) == 1.0 and st.fp_weight(225, peaks, 600) == 0.5
-    assert st.fp_weight(75, peaks, 600) == 0.5 and st.fp_weight(0, peaks, 600) == 1.0
-    assert st.fp_weight(400, np.array([300]), 600) == pytest.approx(1 / 3)
-    assert st.fp_weight(10, np.array([], int), 600) == 1.0
+    assert losses.fp_weight(200, peaks, 600) == 0.0
+    assert losses.fp_weight(250, peaks, 600) == 1.0 and losses.fp_weight(225, peaks, 600) == 0.5
+    assert losses.fp_weight(75, peaks, 600) == 0.5 and losses.fp_weight(0, peaks, 600) == 1.0
+    assert losses.fp_weight(400, np.array([300]), 600) == pytest.approx(1 / 3)
+    assert losses.fp_weight(10, np.array([], int), 600) == 1.0
 
 
 def test_pm_false_positive_term(toy):
     x, T, rms = toy
     fake = gauss(x, 200, 3.0, 3)  # a model line at 200, half-way between observed 100 and 300
-    spans = st.find_spans(fake, rms)[0]
+    spans = losses.find_spans(fake, rms)[0]
     excess = min(
         span_mean(np.maximum(0, fake - T), *spans[0]),
         span_mean(np.maximum(0, fake - 4 * rms), *spans[0]),
     )
     expected = np.mean(np.abs(T - fake)) + excess * 1.0
-    assert excess > 1 and np.isclose(st.loss_pm(fake, T, rms)[0], expected)
+    assert excess > 1 and np.isclose(losses.loss_pm(fake, T, rms)[0], expected)
 
 
 # --- optimisers (§7) on toy functions ---

@@ -143,16 +143,15 @@ def test_shipped_policy_beats_uniform_draws():
     f = np.linspace(241_600.0, 241_950.0, 3000)
     T = lte.spectrum(f, mol, np.array([[0.5, 150.0, 3e16, 3.0, 2.0]]))[0]
     T = T + rng.normal(0, 0.1, f.size)
-    win = dict(freq_MHz=f, T_K=T, rms_K=0.1, T_bg_K=0.0, beam_arcsec=1.0)
-    state = dict(windows=[win], mols=[lte.select_lines(mol, f[0] - 200, f[-1] + 200)],
-                 obs=[spectuner.find_spans(T, 0.1)])  # fmt: skip
+    win = spectuner.Window(f, T, 0.1, 0.0, 1.0)
     box = spectuner.make_box(["CH3OH"])
+    fit = spectuner.Problem([win], [mol], box, "pm")
     batch = model.collate([model.make_tokens([win], spectuner.line_table(mol, mcfg), mcfg)])
     best_policy, best_uniform = [], []
     for r in range(5):
         with torch.no_grad():
             u = net.sample(batch, 50, generator=torch.Generator().manual_seed(r))[0][:, 0]
-        best_policy.append(train.state_losses(state, u.double().numpy(), box, "pm").min())
+        best_policy.append(fit(u.double().numpy()).min())
         U = np.random.default_rng(100 + r).random((50, 5))
-        best_uniform.append(train.state_losses(state, U, box, "pm").min())
+        best_uniform.append(fit(U).min())
     assert np.median(best_policy) < np.median(best_uniform)

@@ -1,0 +1,223 @@
+"""The two losses of a model against an observed window (METHOD §4), batched over models.
+
+chi2 = 0.5 mean(((T_obs - T_model) / rms)^2) and Spectuner's peak matching (pm; Qiu et al.
+2025, ApJS 277, 21), each (B, C) -> (B,). `chi2_on` and `pm_on` give the same values for
+models that are zero outside a subset of channels at the cost of that subset: the fitting
+problem (problem.py) evaluates the model only where its lines reach. numpy and scipy only.
+
+    import numpy as np, losses
+    L = losses.loss_pm(T_model, T_obs, rms_K=0.1)                 # (B,)
+    win = losses.window_constants(T_obs, 0.1)
+    L2 = losses.pm_on(T_model[:, idx], idx, win, exact_row=None)  # == L where T_model is 0 off idx
+"""
+
+import numpy as np
+from scipy.signal import find_peaks, peak_widths
+
+PEAK_SIGMA = 4.0  # §4: peaks need height and prominence >= 4 rms
+
+
+# --- losses (§4), batched: T_model (B, C) against one observed window (C,) ---
+
+
+def loss_chi2(T_model: np.ndarray, T_obs: np.ndarray, rms_K, obs=None) -> np.ndarray:
+    """0.5 mean(((T_obs - T_model) / rms)^2) over channels, (B, C) -> (B,); obs is unused."""
+    return 0.5 * np.mean(((T_obs - np.atleast_2d(T_model)) / rms_K) ** 2, axis=-1)
+
+
+def find_spans(T_K: np.ndarray, rms_K) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Peaks with height and prominence >= 4 rms and their merged spans (§4).
+
+    A peak's span is its width at 25 % of its prominence below the top (peak_widths
+    rel_height=0.25); overlapping (or touching) spans are merged.
+
+    Returns:
+        spans (n, 2) fractional channel edges, tops (n,) channel of each span's highest peak,
+        peaks (m,) channels of all peaks.
+    """
+    rms = np.broadcast_to(rms_K, T_K.shape)
+    return _spans(T_K, PEAK_SIGMA * rms, PEAK_SIGMA * np.median(rms))
+
+
+def _spans(T_K, height, prominence):
+    """find_spans with the height (C,) and prominence thresholds given."""
+    peaks, _ = find_peaks(T_K, height=height, prominence=prominence)
+    if peaks.size == 0:
+        return np.empty((0, 2)), np.empty(0, dtype=int), peaks
+    left, right = peak_widths(T_K, peaks, rel_height=0.25)[2:]
+    order = np.argsort(left, kind="stable")
+    left, right, pk = left[order], right[order], peaks[order]
+    reach = np.maximum.accumulate(right)
+    group = np.concatenate(([0], np.cumsum(left[1:] > reach[:-1])))  # a new span starts here
+    starts = np.flatnonzero(np.diff(group, prepend=-1))
+    spans = np.c_[left[starts], np.maximum.reduceat(right, starts)]
+    best = np.lexsort((np.arange(pk.size), -T_K[pk], group))  # per span: highest, then first
+    tops = pk[best[np.searchsorted(group[best], np.arange(starts.size))]]
+    return spans, tops, peaks
+
+
+def _cum_trapz(Y: np.ndarray) -> np.ndarray:
+    """Trapezoid integral of Y (..., C) from channel 0 to each channel, (..., C)."""
+    out = np.zeros(Y.shape)
+    np.cumsum(0.5 * (Y[..., 1:] + Y[..., :-1]), axis=-1, out=out[..., 1:])
+    return out
+
+
+def _span_means(y: np.ndarray, cum: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Means of the linear interpolant of y (..., C) (channels 0..C-1) over spans [a, b]
+    (fractional), (..., n): the exact integral of the interpolant (= the trapezoid rule on its
+    breakpoints) divided by the width; its value at a for a span of width 0. cum =
+    _cum_trapz(y) makes each span O(1); the leading axes of y are done at once.
+    """
+    last = y.shape[-1] - 2
+
+    def at(x):  # (integral from channel 0, value) of the interpolant at x
+        i = np.minimum(np.maximum(np.floor(x).astype(int), 0), last)
+        t = x - i
+        y0, dy = y[..., i], y[..., i + 1] - y[..., i]
+        return cum[..., i] + t * y0 + 0.5 * t * t * dy, y0 + t * dy
+
+    width = b - a
+    inside = width > 0
+    (int_b, _), (int_a, y_a) = at(b), at(a)
+    return np.where(inside, (int_b - int_a) / np.where(inside, width, 1.0), y_a)
+
+
+def fp_weight(x: float, peaks_obs: np.ndarray, n_chan: int) -> float:
+    """False-positive weight at channel x: 0 at an observed peak, 1 half-way to the next (§4).
+
+    Beyond the outermost peaks the half-gap on their inner side is used, and half the window
+    when there is one observed peak (ours); with none the weight is 1.
+    """
+    p = np.sort(peaks_obs).astype(float)
+    if p.size == 0:
+        return 1.0
+    half = np.diff(p) / 2 if p.size > 1 else np.array([n_chan / 2])
+    j = np.searchsorted(p, x)
+    if 0 < j < p.size:
+        return min(1.0, min(x - p[j - 1], p[j] - x) / half[j - 1])
+    return min(1.0, abs(x - p[min(j, p.size - 1)]) / half[0 if j == 0 else -1])
+
+
+def loss_pm(T_model: np.ndarray, T_obs: np.ndarray, rms_K, obs=None) -> np.ndarray:
+    """Peak-matching loss of Spectuner (§4), (B, C) -> (B,); lower is better, < 0 when matched.
+
+    Args:
+        T_model: model spectra (B, C) or (C,), K.
+        T_obs: observed spectrum (C,), K.
+        rms_K: noise, scalar or (C,), K.
+        obs: find_spans(T_obs, rms_K), computed once per window by the caller; None = here.
+
+    Returns:
+        (B,) mean |T_obs - T_model| + true-positive terms + weighted false-positive terms.
+    """
+    T_model = np.atleast_2d(T_model)
+    obs = find_spans(T_obs, rms_K) if obs is None else obs
+    rms = np.broadcast_to(rms_K, T_obs.shape)
+    resid = np.abs(T_obs - T_model)  # (B, C)
+    out = np.mean(resid, axis=-1)
+    for b, T_m in enumerate(T_model):
+        spans_m, tops_m, _ = _spans(T_m, PEAK_SIGMA * rms, PEAK_SIGMA * np.median(rms))
+        out[b] += _peak_terms(T_m, T_obs, resid[b], PEAK_SIGMA * rms, spans_m, tops_m, obs,
+                              0.0, T_obs.size)  # fmt: skip
+    return out
+
+
+def _peak_terms(T_m, T_obs, resid, floor, spans_m, tops_m, obs, shift, n_chan):
+    """True- and false-positive terms of pm for one model (§4).
+
+    The arrays (T_m, T_obs, resid = |T_obs - T_m|, floor = 4 rms) may be a
+    subset of the window's channels, laid out so that each model span lies in one stretch of
+    consecutive channels; `shift` (per model span, or 0) takes a span's position there to its
+    channel in the window, where the observed spans and peaks `obs` live (n_chan channels).
+    """
+    if spans_m.size == 0:
+        return 0.0
+    spans_o, _, peaks_o = obs
+    shift = np.broadcast_to(shift, spans_m.shape[:1])
+    lo = np.maximum(spans_o[None, :, 0], (spans_m[:, 0] + shift)[:, None])  # (n_m, n_o)
+    hi = np.minimum(spans_o[None, :, 1], (spans_m[:, 1] + shift)[:, None])  # overlaps I
+    im, io = np.nonzero(hi > lo)
+    total = 0.0
+    if im.size:  # true positives: every overlap of an observed and a model span
+        a, c = lo[im, io] - shift[im], hi[im, io] - shift[im]
+        Y = np.stack([T_obs, T_m, resid])
+        obs_I, mod_I, res_I = _span_means(Y, _cum_trapz(Y), a, c)
+        width_o = spans_o[io, 1] - spans_o[io, 0]
+        dice = 2 * (c - a) / (width_o + spans_m[im, 1] - spans_m[im, 0])
+        term = res_I - dice * obs_I
+        total += np.where(mod_I < obs_I, np.minimum(term, 0.0), term).sum()  # blends
+    lonely = np.flatnonzero(~(hi > lo).any(axis=1))
+    if lonely.size:  # false positives: model peaks where nothing was observed
+        a, c = spans_m[lonely, 0], spans_m[lonely, 1]
+        Y = np.maximum(0, T_m - np.stack([T_obs, floor]))  # above the data, above 4 rms
+        excess = _span_means(Y, _cum_trapz(Y), a, c).min(axis=0)
+        tops = tops_m[lonely] + shift[lonely]
+        total += np.dot([fp_weight(t, peaks_o, n_chan) for t in tops], excess)
+    return total
+
+
+LOSSES = {"chi2": loss_chi2, "pm": loss_pm}
+
+
+# --- the same losses for models that are zero outside a subset of channels ---
+
+
+def runs_of(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start positions in idx of its runs of consecutive channels, and each run's shift
+    (channel in the window - position in idx)."""
+    starts = np.flatnonzero(np.diff(idx, prepend=-2) != 1)
+    return starts, idx[starts] - starts
+
+
+def chi2_on(T_model: np.ndarray, idx: np.ndarray, win: dict) -> np.ndarray:
+    """loss_chi2 of models (B, n) that are 0 outside the channels idx (n,), at the cost of n.
+
+    win: window_constants of the observed window. The untouched channels add their
+    (T_obs / rms)^2, summed once (§4).
+    """
+    z_obs = win["T_obs"][idx] / win["rms"][idx]
+    z = z_obs - T_model / win["rms"][idx]
+    return 0.5 * ((z * z).sum(-1) + win["sq_total"] - (z_obs * z_obs).sum()) / win["T_obs"].size
+
+
+def pm_on(T_model: np.ndarray, idx: np.ndarray, win: dict, exact_row) -> np.ndarray:
+    """loss_pm of models (B, n) that are 0 outside the channels idx (n,), at the cost of n.
+
+    idx must hold, besides every channel a model touches, the channel on each side of each
+    run (0 there), so that spans end inside their run. The untouched channels add |T_obs| to
+    the residual term (summed once); peaks exist only where the model is not 0 (§4). Peak
+    finding on idx alone gives the window's peaks, prominences and widths: collapsing the
+    zero stretches between runs changes no minimum between peaks. A row whose span would
+    cross a run (only when deep absorption lowers the 25 % level below 0) is handed to
+    exact_row(b), the dense loss of row b.
+    """
+    T_obs, rms, C = win["T_obs"][idx], win["rms"][idx], win["T_obs"].size
+    floor = PEAK_SIGMA * rms
+    resid = np.abs(T_obs - T_model)  # (B, n)
+    out = (resid.sum(-1) + win["abs_total"] - np.abs(T_obs).sum()) / C
+    starts, shift = runs_of(idx)
+    maybe = (T_model >= floor).any(axis=-1)  # rows with no channel at 4 rms have no peak
+    for b in np.flatnonzero(maybe):
+        T_m = T_model[b]
+        spans_m, tops_m, _ = _spans(T_m, floor, win["prominence"])
+        if spans_m.size == 0:
+            continue
+        run = np.searchsorted(starts, np.floor(spans_m), side="right") - 1  # (n_m, 2)
+        if np.any(run[:, 0] != run[:, 1]):
+            out[b] = exact_row(b)
+            continue
+        out[b] += _peak_terms(T_m, T_obs, resid[b], floor, spans_m, tops_m, win["obs"],
+                              shift[run[:, 0]], C)  # fmt: skip
+    return out
+
+
+def window_constants(T_obs: np.ndarray, rms_K) -> dict:
+    """What the losses on a subset of channels need of one observed window, computed once."""
+    rms = np.broadcast_to(np.asarray(rms_K, dtype=float), T_obs.shape)
+    return dict(T_obs=T_obs, rms=rms, obs=find_spans(T_obs, rms),
+                prominence=PEAK_SIGMA * np.median(rms), abs_total=np.abs(T_obs).sum(),
+                sq_total=((T_obs / rms) ** 2).sum())  # fmt: skip
+
+
+LOSSES_ON = {"chi2": lambda T, idx, win, exact_row: chi2_on(T, idx, win), "pm": pm_on}
