@@ -1,6 +1,6 @@
 """Benchmarks: figures for the README, printed as `key=value` lines.
 
-python bench.py lte      # forward-model spectra per second (issue 2)
+python bench.py lte [--ref_python PY]  # forward model vs the reference (issues 2, 10)
 python bench.py fit      # wall time and nfev per fit on the IRAS 16293-2422 B windows (issue 3)
 python bench.py recover  # how often each optimiser recovers synthetic CH3OH truths (issue 3)
 python bench.py cube     # cube fitting throughput (issue 4)
@@ -37,14 +37,58 @@ def _rate(fn, n_spectra: int, min_s: float = 1.0) -> float:
     return reps * n_spectra / (time.perf_counter() - t0)
 
 
-def bench_lte() -> None:
-    """Forward-model spectra per second, one parameter set at a time and batched (issue 2)."""
+REF_LTE = """
+import sys, time, numpy as np
+from spectuner.sl_model.sl_model import compute_effective_spectra, create_spectral_line_model_state
+d = np.load(sys.argv[1])
+freq = d["freq"]
+inside = (d["line_freq"] >= freq[0]) & (d["line_freq"] <= freq[-1])
+sl = {"freq": d["line_freq"][inside], "A_ul": d["A"][inside], "g_u": d["g_u"][inside],
+      "E_low": d["E_low"][inside], "x_T": d["Q_T"], "Q_T": d["Q"],
+      "segment": np.zeros(int(inside.sum()), dtype=int)}
+beam_deg = float(d["beam_arcsec"]) / 3600
+state = create_spectral_line_model_state([sl], [freq], [{"beam_info": (beam_deg, beam_deg),
+                                          "T_bg": 0.0, "need_cmb": True}])
+params = d["params"]
+compute_effective_spectra(state, params[:1], need_individual=False)  # compile (numba)
+t0, n = time.perf_counter(), 0
+while time.perf_counter() - t0 < 2.0:
+    for p in params:
+        compute_effective_spectra(state, p[None], need_individual=False)
+        n += 1
+print(f"{(time.perf_counter() - t0) / n * 1e3:.4f}")
+"""
+
+
+def _reference_ms(ref_python: str, freq: np.ndarray, mol, params: np.ndarray) -> float:
+    """ms per spectrum of the reference Spectuner 2.0.0's LTE model (run by ref_python, a
+    Python with `pip install spectuner==2.0.0 "numpy<2.4"`) on the same lines and grid; its
+    parameters are (theta, T_ex, N_tot, dv, v_off) with theta the source size [arcsec]."""
+    import subprocess
+    import tempfile
+
+    beam = 0.5  # arcsec: eta = theta^2 / (theta^2 + beam^2)
+    theta = beam * np.sqrt(params[:, 0] / (1 - params[:, 0]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "lines.npz")
+        np.savez(path, freq=freq, line_freq=mol.freq_MHz, A=mol.A_s, g_u=mol.g_u,
+                 E_low=mol.E_low_K, Q_T=mol.Q_T_K, Q=10**mol.log10_Q, beam_arcsec=beam,
+                 params=np.c_[theta, params[:, 1:]])  # fmt: skip
+        out = subprocess.run(
+            [ref_python, "-c", REF_LTE, path], capture_output=True, text=True, cwd=tmp
+        )  # not here: this folder has a spectuner.py of its own
+    if out.returncode:
+        raise RuntimeError(f"reference run failed: {out.stderr.strip().splitlines()[-1:]}")
+    return float(out.stdout.split()[-1])
+
+
+def bench_lte(ref_python: str = "") -> None:
+    """Forward-model speed (issues 2, 10): ms per spectrum one at a time and batched, for
+    CH3OH on 241.0-241.9 GHz at 122 kHz (the issue-10 case; beside the reference Spectuner
+    2.0.0 in the same run when ref_python is given), and two synthetic line lists."""
     rng = np.random.default_rng(1)
-    cases = []
-    spw = SHARED / "spectra" / "iras16293b" / "spw25.dat"
-    if spw.exists():
-        f = np.loadtxt(spw)[:, 0] * (1 + 2.7 / lte.C_KMS)
-        cases.append(("CH3OH_spw25", f, lte.load_molecule("CH3OH"), 1.0))
+    ch3oh = lte.load_molecule("CH3OH")
+    cases = [("CH3OH_241.0-241.9GHz_122kHz", np.arange(241000.0, 241900.0, 0.122), ch3oh, 1.0)]
     for n_chan, n_lines in [(1000, 100), (10000, 1000)]:
         f = 230000.0 + 0.2 * np.arange(n_chan)  # 0.26 km/s channels
         T = np.array([9.375, 37.5, 150.0, 300.0, 1000.0])
@@ -59,17 +103,18 @@ def bench_lte() -> None:
         )
         cases.append((f"{n_chan}ch_{n_lines}lines", f, mol, 5.0))
     for name, f, mol, fwhm in cases:
-        typical = np.array([[0.5, 150.0, 1e16, fwhm, 0.0]])
-        row = [f"case={name} n_chan={f.size} typical_fwhm_kms={fwhm}"]
-        row.append(f"single_per_s={_rate(lambda: lte.spectrum(f, mol, typical), 1):.0f}")
-        many = np.repeat(typical, 1000, axis=0)
-        row.append(f"typical_batch1000_per_s={_rate(lambda: lte.spectrum(f, mol, many), 1000):.0f}")
-        for batch in (1, 50, 1000):
-            P = _box_draws(batch)
-            row.append(
-                f"box_batch{batch}_per_s={_rate(lambda: lte.spectrum(f, mol, P), batch):.0f}"
-            )
-        print(" ".join(row), flush=True)
+        mol = lte.select_lines(mol, f[0] - 200.0, f[-1] + 200.0)
+        P = np.repeat([[0.5, 150.0, 1e16, fwhm, 0.0]], 50, axis=0)
+        P[:, 1] *= np.linspace(0.5, 2.0, 50)  # 50 distinct typical spectra
+        single = 1e3 / _rate(lambda: [lte.spectrum(f, mol, p[None]) for p in P], len(P))
+        batched = 1e3 / _rate(lambda: lte.spectrum(f, mol, P), len(P))
+        row = f"case={name} n_chan={f.size} n_lines={mol.freq_MHz.size} fwhm_kms={fwhm}"
+        row += f" single_ms={single:.3f} batch50_ms={batched:.3f}"
+        if ref_python:
+            ref = _reference_ms(ref_python, f, mol, P)
+            row += f" reference_ms={ref:.3f} speedup_single={ref / single:.1f}"
+            row += f" speedup_batch50={ref / batched:.1f}"
+        print(row, flush=True)
 
 
 BENCHES["lte"] = bench_lte
@@ -220,8 +265,17 @@ def main() -> None:
     fmt = argparse.RawTextHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("which", choices=sorted(BENCHES), help="which benchmark to run")
+    parser.add_argument(
+        "--ref_python",
+        default="",
+        help="lte, cube: a Python with the "
+        "reference Spectuner 2.0.0, timed beside the project (default: none)",
+    )
     args = parser.parse_args()
-    BENCHES[args.which]()
+    if args.ref_python and not Path(args.ref_python).is_file():
+        parser.error(f"--ref_python {args.ref_python}: no such file")
+    kwargs = {"ref_python": args.ref_python} if args.which in ("lte", "cube") else {}
+    BENCHES[args.which](**kwargs)
 
 
 if __name__ == "__main__":

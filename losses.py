@@ -41,7 +41,11 @@ def find_spans(T_K: np.ndarray, rms_K) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def _spans(T_K, height, prominence):
     """find_spans with the height (C,) and prominence thresholds given."""
-    peaks, _ = find_peaks(T_K, height=height, prominence=prominence)
+    return _merged_spans(T_K, find_peaks(T_K, height=height, prominence=prominence)[0])
+
+
+def _merged_spans(T_K, peaks):
+    """(spans, tops, peaks) of find_spans for the given peaks of T_K."""
     if peaks.size == 0:
         return np.empty((0, 2)), np.empty(0, dtype=int), peaks
     left, right = peak_widths(T_K, peaks, rel_height=0.25)[2:]
@@ -89,14 +93,21 @@ def fp_weight(x: float, peaks_obs: np.ndarray, n_chan: int) -> float:
     Beyond the outermost peaks the half-gap on their inner side is used, and half the window
     when there is one observed peak (ours); with none the weight is 1.
     """
+    return float(fp_weights(np.array([x], dtype=float), peaks_obs, n_chan)[0])
+
+
+def fp_weights(x: np.ndarray, peaks_obs: np.ndarray, n_chan: int) -> np.ndarray:
+    """fp_weight at each channel of x (n,)."""
     p = np.sort(peaks_obs).astype(float)
     if p.size == 0:
-        return 1.0
+        return np.ones(x.shape)
     half = np.diff(p) / 2 if p.size > 1 else np.array([n_chan / 2])
     j = np.searchsorted(p, x)
-    if 0 < j < p.size:
-        return min(1.0, min(x - p[j - 1], p[j] - x) / half[j - 1])
-    return min(1.0, abs(x - p[min(j, p.size - 1)]) / half[0 if j == 0 else -1])
+    inner = (j > 0) & (j < p.size)
+    k = np.clip(j, 1, max(p.size - 1, 1))  # the gap (p[k-1], p[k]) of an inner x
+    w_in = np.minimum(x - p[k - 1], p[np.minimum(k, p.size - 1)] - x) / half[k - 1]
+    w_out = np.abs(x - p[np.minimum(j, p.size - 1)]) / np.where(j == 0, half[0], half[-1])
+    return np.minimum(1.0, np.where(inner, w_in, w_out))
 
 
 def loss_pm(T_model: np.ndarray, T_obs: np.ndarray, rms_K, obs=None) -> np.ndarray:
@@ -188,27 +199,77 @@ def pm_on(T_model: np.ndarray, idx: np.ndarray, win: dict, exact_row) -> np.ndar
     run (0 there), so that spans end inside their run. The untouched channels add |T_obs| to
     the residual term (summed once); peaks exist only where the model is not 0 (§4). Peak
     finding on idx alone gives the window's peaks, prominences and widths: collapsing the
-    zero stretches between runs changes no minimum between peaks. A row whose span would
-    cross a run (only when deep absorption lowers the 25 % level below 0) is handed to
-    exact_row(b), the dense loss of row b.
+    zero stretches between runs changes no minimum between peaks. The B rows are searched in
+    one signal, each followed by a wall above every value: no peak, prominence or width
+    search crosses a wall, so each row's peaks are its own. A row whose span would cross a
+    run (only when deep absorption lowers the 25 % level below 0) is handed to exact_row(b),
+    the dense loss of row b.
     """
     T_obs, rms, C = win["T_obs"][idx], win["rms"][idx], win["T_obs"].size
+    win = dict(win, rms_on=rms)
     floor = PEAK_SIGMA * rms
     resid = np.abs(T_obs - T_model)  # (B, n)
     out = (resid.sum(-1) + win["abs_total"] - np.abs(T_obs).sum()) / C
+    rows = np.flatnonzero((T_model >= floor).any(axis=-1))  # rows with no 4 rms channel: no peak
+    if rows.size == 0:
+        return out
+    m, n = rows.size, idx.size
+    stride = n + 1
+    sig = np.empty((m, stride))
+    sig[:, :n], sig[:, n] = T_model[rows], T_model[rows].max() + 1.0  # rows, walls
+    height = np.concatenate([floor, [0.0]])
+    peaks = find_peaks(sig.ravel(), height=np.tile(height, m), prominence=win["prominence"])[0]
+    spans, tops, _ = _merged_spans(sig.ravel(), peaks[peaks % stride != n])
+    if spans.size == 0:
+        return out
+    r = spans[:, 0].astype(int) // stride  # row (in rows) of each span
+    local = spans - (r * stride)[:, None]
     starts, shift = runs_of(idx)
-    maybe = (T_model >= floor).any(axis=-1)  # rows with no channel at 4 rms have no peak
-    for b in np.flatnonzero(maybe):
-        T_m = T_model[b]
-        spans_m, tops_m, _ = _spans(T_m, floor, win["prominence"])
-        if spans_m.size == 0:
-            continue
-        run = np.searchsorted(starts, np.floor(spans_m), side="right") - 1  # (n_m, 2)
-        if np.any(run[:, 0] != run[:, 1]):
-            out[b] = exact_row(b)
-            continue
-        out[b] += _peak_terms(T_m, T_obs, resid[b], floor, spans_m, tops_m, win["obs"],
-                              shift[run[:, 0]], C)  # fmt: skip
+    run = np.searchsorted(starts, np.floor(local), side="right") - 1  # (n_m, 2)
+    crossed = np.unique(r[run[:, 0] != run[:, 1]])
+    Y = np.zeros((3, m, stride))  # T_obs, T_model, |resid| per row, 0 at the walls
+    Y[0, :, :n], Y[1, :, :n], Y[2, :, :n] = T_obs, T_model[rows], resid[rows]
+    Y = Y.reshape(3, -1)
+    extra = _peak_terms_rows(Y, spans, local, tops - r * stride, r, shift[run[:, 0]], win, m)
+    extra[crossed] = 0.0
+    out[rows] += extra
+    for i in crossed:
+        out[rows[i]] = exact_row(rows[i])
+    return out
+
+
+def _peak_terms_rows(Y, spans, local, tops, r, shift, win, m):
+    """True- and false-positive terms of pm (§4) of m rows at once: Y (3, m * stride) holds
+    T_obs, T_model and |resid| of each row; spans (n_m, 2) the model spans in that layout,
+    local (n_m, 2) and tops (n_m,) the same within their row, r (n_m,) their row, shift their
+    run's shift to window channels (where the observed spans and peaks live)."""
+    spans_o, _, peaks_o = win["obs"]
+    C = win["T_obs"].size
+    out = np.zeros(m)
+    full = local + shift[:, None]  # model spans in window channels
+    lo = np.maximum(spans_o[None, :, 0], full[:, 0:1])  # (n_m, n_o) overlaps I
+    hi = np.minimum(spans_o[None, :, 1], full[:, 1:2])
+    im, io = np.nonzero(hi > lo)
+    cum = _cum_trapz(Y)
+    if im.size:  # true positives: every overlap of an observed and a model span
+        to_sig = (spans[im, 0] - local[im, 0])[:, None]  # window channel -> signal position
+        a, c = lo[im, io] - shift[im] + to_sig[:, 0], hi[im, io] - shift[im] + to_sig[:, 0]
+        obs_I, mod_I, res_I = _span_means(Y, cum, a, c)
+        width_o = spans_o[io, 1] - spans_o[io, 0]
+        dice = 2 * (c - a) / (width_o + spans[im, 1] - spans[im, 0])
+        term = res_I - dice * obs_I
+        term = np.where(mod_I < obs_I, np.minimum(term, 0.0), term)  # blends
+        out += np.bincount(r[im], weights=term, minlength=m)
+    lonely = np.flatnonzero(~(hi > lo).any(axis=1))
+    if lonely.size:  # false positives: model peaks where nothing was observed
+        floor = np.zeros(Y.shape[1])
+        n = Y.shape[1] // m - 1
+        floor.reshape(m, n + 1)[:, :n] = PEAK_SIGMA * win["rms_on"]
+        Z = np.maximum(0, Y[1] - np.stack([Y[0], floor]))  # above the data, above 4 rms
+        a, c = spans[lonely, 0], spans[lonely, 1]
+        excess = _span_means(Z, _cum_trapz(Z), a, c).min(axis=0)
+        weight = fp_weights(tops[lonely] + shift[lonely], peaks_o, C)
+        out += np.bincount(r[lonely], weights=weight * excess, minlength=m)
     return out
 
 

@@ -208,6 +208,20 @@ def touched_channels(layout: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(lo[keep], 0, C - 1).astype(int), np.clip(hi[keep], 0, C - 1).astype(int)
 
 
+def covering(lo: np.ndarray, hi: np.ndarray, n_chan: int, pad: int = 0) -> np.ndarray:
+    """Sorted channels of the union of the intervals [lo - pad, hi + pad] (inclusive) within
+    0..n_chan-1, in O(number of intervals + channels covered)."""
+    if lo.size == 0:
+        return np.empty(0, dtype=int)
+    order = np.argsort(lo, kind="stable")
+    lo, hi = np.maximum(lo[order] - pad, 0), np.minimum(hi[order] + pad, n_chan - 1)
+    reach = np.maximum.accumulate(hi)
+    new = np.concatenate(([True], lo[1:] > reach[:-1] + 1))  # a gap: a new run starts
+    a, b = lo[new], np.maximum.reduceat(hi, np.flatnonzero(new))
+    size = b - a + 1
+    return np.repeat(a - np.cumsum(size) + size, size) + np.arange(size.sum())
+
+
 def _average_channels(C, n_sub, K, x, s, tau_chan, amp, simpson):
     """Channel averages of amp * (1 - exp(-tau)), tau on n_sub sub-channels per channel.
 
@@ -312,7 +326,10 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
     flip = freq[-1] < freq[0]
     T_bg = np.broadcast_to(np.asarray(T_bg_K, dtype=float), freq.shape)
     f, T_bg = (freq[::-1].copy(), T_bg[::-1]) if flip else (freq, T_bg)
-    out = render(line_layout(f, mol, params.reshape(-1, 5)), T_bg, cmb)
+    layout = line_layout(f, mol, params.reshape(-1, 5))
+    idx = covering(*touched_channels(layout), f.size)  # the model is 0 on every other channel
+    out = np.zeros((len(layout["P"]), f.size))
+    out[:, idx] = render(layout, T_bg, cmb, idx)
     return (out[:, ::-1] if flip else out).reshape(*params.shape[:-1], freq.size)
 
 

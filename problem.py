@@ -122,19 +122,6 @@ def reach_kms(box: dict) -> float:
     return lte.reach_kms(float(np.nanmax(np.abs(v))), float(np.nanmax(fwhm)))
 
 
-def _covering(lo: np.ndarray, hi: np.ndarray, n_chan: int) -> np.ndarray:
-    """Sorted channels of the union of [lo - 1, hi + 1] (inclusive) within 0..n_chan-1."""
-    if lo.size == 0:
-        return np.empty(0, dtype=int)
-    order = np.argsort(lo, kind="stable")
-    lo, hi = np.maximum(lo[order] - 1, 0), np.minimum(hi[order] + 1, n_chan - 1)
-    reach = np.maximum.accumulate(hi)
-    new = np.concatenate(([True], lo[1:] > reach[:-1] + 1))  # a gap: a new run starts
-    a, b = lo[new], np.maximum.reduceat(hi, np.flatnonzero(new))
-    size = b - a + 1
-    return np.repeat(a - np.cumsum(size) + size, size) + np.arange(size.sum())
-
-
 class Problem:
     """The loss of k molecules' LTE model against observed windows, over a parameter box.
 
@@ -199,7 +186,7 @@ class Problem:
         layouts = [(lte.line_layout(w.freq_MHz, mol, self._params(X, j, k)))
                    for k, mol in enumerate(self.lines[j]) if mol.freq_MHz.size]  # fmt: skip
         reach = [lte.touched_channels(lay) for lay in layouts]
-        idx = _covering(*(np.concatenate(r) for r in zip(*reach)), w.freq_MHz.size) if reach else []
+        idx = lte.covering(*map(np.concatenate, zip(*reach)), w.freq_MHz.size, 1) if reach else []
         T = np.zeros((len(X), len(idx)))
         for lay in layouts:
             T += lte.render(lay, w.T_bg_K, True, idx)
