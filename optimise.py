@@ -28,6 +28,9 @@ def random_starts(f, n_dim: int, n_init: int, rng: np.random.Generator):
 def refine_slsqp(f, u0: np.ndarray, f0: float, maxiter: int = 100):
     """SLSQP with bounds [0, 1] from u0 (loss f0). Returns (u, loss, nfev, status).
 
+    It stops when the loss changes by less than f.ftol (an attribute the objective may carry:
+    the change that the noise does not resolve; default 1e-6).
+
     The gradient is by forward differences (a backward step at the upper bound) with every
     perturbed point in ONE batched call of f: the numpy model is cheaper per point in a batch,
     and the pm loss (peak finding) has no autograd path. Values and gradients are cached by x,
@@ -61,7 +64,7 @@ def refine_slsqp(f, u0: np.ndarray, f0: float, maxiter: int = 100):
         jac=gradient,
         method="SLSQP",
         bounds=[(0.0, 1.0)] * u0.size,
-        options={"maxiter": maxiter},
+        options={"maxiter": maxiter, "ftol": getattr(f, "ftol", 1e-6)},
     )
     return _better(res, u0, f0, nfev)
 

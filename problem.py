@@ -164,6 +164,13 @@ class Problem:
         lo = min(w.freq_MHz[0] for w in self.windows)
         self.nu_ref = 0.5 * (lo + max(w.freq_MHz[-1] for w in self.windows)) if dish_m else None
         self.n_chan = sum(w.freq_MHz.size for w in self.windows)
+        # SLSQP's stopping tolerance (optimise.refine_slsqp): for chi2, 1 % of the change that
+        # one unit of total chi2 makes (0.5 / n_chan per window); measured to halve the runs
+        # of a fit at a cost of < 0.5 in chi2 (docs/benchmarks.md). pm: SLSQP's default, as
+        # looser tolerances stopped some pm fits far from their minimum.
+        self.ftol = (
+            0.01 * 0.5 / max(w.freq_MHz.size for w in self.windows) if loss == "chi2" else 1e-6
+        )
 
     def _params(self, X: np.ndarray, j: int, k: int) -> np.ndarray:
         """Molecule k's parameters (B, 5) in window j: eta at the window for a single dish."""
