@@ -221,7 +221,8 @@ def bench_forest(n_seeds: int = 200, preset: str = "hot_corino", band: int = 6) 
     """Realism of forest.py (issue 11): line statistics (forest.line_stats) of n_seeds one-window
     states of the preset in the band against the 10 real IRAS 16293-2422 B Band 6 windows; a
     statistic is bracketed when the real median lies in the simulated 10-90 % range. Writes
-    results/bench_forest.txt and results/forest_vs_real.png (a simulated window above a real one)."""
+    results/bench_forest.txt and results/forest_vs_real.png (a simulated window above a real
+    one)."""
     import csv
 
     import matplotlib
