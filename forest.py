@@ -224,7 +224,7 @@ def draw_source(rng, molecules: dict, target=None, preset: str = "hot_corino") -
     return src
 
 
-def _strong_line_MHz(rng, mol: lte.Molecule, T_ex_K: float, lo_MHz: float, hi_MHz: float):
+def strong_line_MHz(rng, mol: lte.Molecule, T_ex_K: float, lo_MHz: float, hi_MHz: float):
     """A rest frequency among the 10 lines of `mol` in [lo, hi] with the largest integrated
     opacity at T_ex (lte's tau_t up to constants); None without lines there."""
     m = lte.select_lines(mol, lo_MHz, hi_MHz)
@@ -312,7 +312,7 @@ def draw_forest(
     for k in range(n_windows):
         centre = None
         if k == 0 and target is not None:
-            centre = _strong_line_MHz(rng, allowed[target], src["params"][target][1], lo, hi)
+            centre = strong_line_MHz(rng, allowed[target], src["params"][target][1], lo, hi)
         freq = _window_axis(rng, band, centre)
         model = forest_spectrum(freq, allowed, src["params"], T_bg_K)
         noise = _noise(rng, freq.size, rms_K, hanning)

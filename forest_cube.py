@@ -86,8 +86,11 @@ def make_cube(cfg: Config) -> dict:
     rng = np.random.default_rng(cfg.seed)
     exclude = [e for e in cfg.exclude.split(",") if e]
     molecules = forest.load_forest_molecules(cfg.catalog, exclude=exclude)
+    if "CH3OH" not in molecules:
+        raise ValueError(f"CH3OH (the window's and the columns' reference) is missing or excluded "
+                         f"(--exclude {cfg.exclude!r}, --catalog {cfg.catalog})")  # fmt: skip
     lo, hi = (1e3 * f for f in forest.BANDS_GHZ[cfg.band])
-    centre = forest._strong_line_MHz(rng, molecules["CH3OH"], cfg.T_src_K, lo, hi)
+    centre = forest.strong_line_MHz(rng, molecules["CH3OH"], cfg.T_src_K, lo, hi)
     df = centre * cfg.chan_kms / lte.C_KMS
     rest = centre + (np.arange(cfg.n_chan) - cfg.n_chan / 2) * df
     obs = rest / (1.0 + cfg.v_lsr_kms / lte.C_KMS)
@@ -140,7 +143,7 @@ def main(argv=None) -> int:
         if not Path(cfg.out).parent.is_dir():
             raise FileNotFoundError(f"output folder {Path(cfg.out).parent} does not exist")
         maps = make_cube(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

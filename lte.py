@@ -613,17 +613,23 @@ def read_splatalogue(db_path, name: str, tables: dict | None = None) -> Molecule
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         species = con.execute(
-            "SELECT s.species_id, s.s_name, s.s_name_noparens, s.SPLAT_ID, MIN(m.ll_id) "
-            "FROM species s JOIN main m ON m.species_id = s.species_id GROUP BY s.species_id"
+            "SELECT species_id, s_name, s_name_noparens, SPLAT_ID FROM species"
         ).fetchall()
+
+        def with_list(rows):  # append each species' ll_id (one species, one line list)
+            q = "SELECT ll_id FROM main WHERE species_id=? LIMIT 1"
+            return [(*r, (con.execute(q, (r[0],)).fetchone() or (None,))[0]) for r in rows]
+
         picked = [r for r in species if name in (r[1], r[2])]
         if not picked:
             picked = [r for r in species if name in (r[1].split(" ")[0], r[2].split(" ")[0])]
+        picked = with_list(picked)
         slaim = [r[1] for r in picked if r[4] not in (10, 12)]
         picked = [r for r in picked if r[4] in (10, 12)]
         if not picked and not slaim:  # a CDMS/JPL name: the species of that tag
             comp = formula_composition(name)
-            picked = [r for r in species if r[4] in (10, 12) and formula_composition(r[1]) == comp]
+            picked = with_list([r for r in species if formula_composition(r[1]) == comp])
+            picked = [r for r in picked if r[4] in (10, 12)]
         if not picked:
             if slaim:
                 raise ValueError(

@@ -111,3 +111,16 @@ def test_cube_truth_round_trip(shared_data, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["x"])
     assert forest_cube.main(["cube", str(tmp_path / "no" / "x.fits")]) == 2
     assert forest_cube.main(["cube", str(out), "--band", "9"]) == 2
+    assert forest_cube.main(["cube", str(out), "--exclude", "CH3OH"]) == 2
+    assert forest_cube.main(["cube", str(out), "--n_pix", "1"]) == 2
+
+
+def test_holdout_absent_from_loaded_catalogue(shared_data):
+    mols = forest.load_forest_molecules(shared_data / "catalogs", exclude=HOLDOUT)
+    assert len(mols) >= 25 and not set(mols) & set(HOLDOUT)
+    assert {"CH3OH", "CH3CN", "C2H5CN", "C2H5OH"} <= set(mols)
+    for seed in range(10):
+        _, truth = forest.draw_forest(seed, mols, target="CH3CN", band=7, exclude=HOLDOUT)
+        assert not set(truth["params"]) & set(HOLDOUT)
+    per_band = forest.molecules_per_band(mols)
+    assert "CH3CHO" in per_band[3] and "CH3CHO" not in per_band[6]  # a 78-151 GHz subset
