@@ -37,6 +37,15 @@ def test_splatalogue_cdms_and_names(shared_data):
     assert abs(h2co.E_up_K[i] - 21.9) < 0.2 and h2co.g_u[i] == 15
 
 
+def test_splatalogue_known_jpl_line(shared_data):
+    """CH3CN 12(0)-11(0) at 220747.26 MHz: A = 9.2e-4 s^-1, E_up = 68.9 K (JPL 41001)."""
+    mol = lte.load_molecule("CH3CN", catalog=shared_data / SPLAT)
+    i = np.argmin(np.abs(mol.freq_MHz - 220747.26))
+    assert abs(mol.freq_MHz[i] - 220747.26) < 0.1 and abs(mol.A_s[i] / 9.2e-4 - 1) < 0.03
+    assert abs(mol.E_up_K[i] - 68.9) < 0.1
+    assert "tag 041001" in mol.source and "CH3CN v8=1" in mol.source  # one JPL entry, two states
+
+
 def test_splatalogue_refusals(shared_data):
     db = shared_data / SPLAT
     with pytest.raises(ValueError, match="no partition function"):
