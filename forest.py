@@ -2,8 +2,9 @@
 
 A source is drawn from a seed: one systemic velocity and one line width shared by all molecules,
 each with a small scatter; one source temperature, each molecule's T_ex within +-30 % of it; one
-filling factor eta = s^2 / (s^2 + b^2) for a Gaussian source of size s in a beam b; and 10-60
-molecules whose column densities are set relative to CH3OH. The spectrum of a window is exactly
+filling factor eta = s^2 / (s^2 + b^2) for a Gaussian source of size s in a beam b; and 20-60
+(hot_corino) or 10-60 (hot_core) molecules, at most those given, whose column densities are set
+relative to CH3OH. The spectrum of a window is exactly
 
     T_obs(nu) = sum_m lte.spectrum(nu, mol_m, [eta, T_ex_m, N_m, fwhm_m, v_off_m], T_bg) + noise
 
@@ -23,9 +24,9 @@ their parent with 12C/13C = 50 and 32S/34S = 22 (assumed). Hot cores (e.g. G327.
 broader lines, several km/s: preset "hot_core" (not calibrated against data).
 
 Calibration of "hot_corino" (docs/forest.md, `python bench.py forest`): with these ratios at the
-PILS N(CH3OH) = 1e19 and eta = 0.3, the 34 catalogue entries available give about 7 peaks above
-4 rms per 1000 channels in Band 6, against 49 in the real IRAS 16293-2422 B windows (most of B's
-species and states are missing from the catalogues, or are SLAIM rows without Q). The preset
+PILS N(CH3OH) = 1e19 and eta = 0.3, the 34 catalogue entries available give 6.6 peaks above
+4 rms per 1000 channels on the channels of the real IRAS 16293-2422 B windows, which hold 48
+(most of B's species and states are missing from the catalogues, or are SLAIM rows). The preset
 reaches the real line statistics with a compact source (0.03-0.15" in a 0.3-0.7" beam, eta
 0.002-0.2) and N(CH3OH) = 1e21-1e22 in it: the strongest lines are then optically thick and
 flat-topped, which the real ones are not.
@@ -144,7 +145,7 @@ def is_excluded(name: str, exclude) -> bool:
     return any(n.lower() in ex for n in names)
 
 
-def load_forest_molecules(catalog_dir=CATALOG_DIR, names=None, exclude=(), quiet=True) -> dict:
+def load_forest_molecules(catalog_dir=CATALOG_DIR, names=None, exclude=(), quiet=False) -> dict:
     """The forest's molecules {name: lte.Molecule}, loaded once per process (lru_cache).
 
     Args:
@@ -152,7 +153,8 @@ def load_forest_molecules(catalog_dir=CATALOG_DIR, names=None, exclude=(), quiet
             .cat entries for "folder" species, Splatalogue rows for "splat" ones.
         names: molecules to load (default: every SPECIES entry).
         exclude: names never returned (held-out molecules, e.g. train.HOLDOUT; ALIASES apply).
-        quiet: False prints one `skip molecule=... reason=...` line per entry that fails.
+        quiet: True silences the `skip molecule=... reason=...` line printed for each entry
+            that does not resolve (the shared folder may lack some files).
     Returns:
         {name: Molecule} of the entries that resolve.
     Raises:

@@ -538,19 +538,23 @@ SPLAT_LISTS = {10: "CDMS", 12: "JPL", 11: "Lovas/NIST", 14: "SLAIM"}  # main.ll_
 _ISOTOPE_TOKEN = re.compile(r"(?:\((\d+)\))?([A-Z][a-z]?)(?:-(\d+)-?)?(\d*)|(\+)")
 
 
-def formula_composition(name: str) -> tuple:
-    """Atoms of a species name, isotopes kept, as a sorted tuple of ((element, mass), count).
+def formula_composition(name: str, ordered: bool = False) -> tuple:
+    """Atoms of a species name, isotopes kept, as a sorted tuple of ((element, mass), count),
+    or with `ordered` the written sequence of (element, mass, count) groups.
 
     Reads both notations: CDMS/JPL 'HCC-13-CN, v=0' and Splatalogue 'HC(13)CCN v7=1' give the
-    same composition; a prefix such as 'cis-', 't-', 'c-' and the state label are dropped.
+    same composition (and sequence); a prefix such as 'cis-', 't-', 'c-' and the state label are
+    dropped.
     """
     base = re.split(r"[ ,]", name.strip(), maxsplit=1)[0]
     base = re.sub(r"^[a-z]+'?-", "", base)
     atoms: dict = {}
+    groups = []
     for iso_pre, element, iso_post, count, charge in _ISOTOPE_TOKEN.findall(base):
         key = ("+", "") if charge else (element, iso_pre or iso_post)
         atoms[key] = atoms.get(key, 0) + (int(count) if count else 1)
-    return tuple(sorted(atoms.items()))
+        groups.append((*key, int(count) if count else 1))
+    return tuple(groups) if ordered else tuple(sorted(atoms.items()))
 
 
 def _splat_q300(con, species_id: int) -> float:
@@ -571,9 +575,10 @@ def _splat_q300(con, species_id: int) -> float:
 
 def _splat_tag(s_name: str, splat_id: str, ll_id: int, q300: float, tables: dict) -> int:
     """The CDMS or JPL tag of a Splatalogue species: same mass (SPLAT_ID[:3]), same catalogue
-    (CDMS tags xx5xx, JPL xx0xx), same composition; among several, the Q(300) nearest q300."""
+    (CDMS tags xx5xx, JPL xx0xx), same composition; among several, those written in the same
+    atom order (isotopomers: 'HC(13)CCN' is 'HCC-13-CN'), then the Q(300) nearest q300."""
     mass, cdms = int(splat_id[:3]), ll_id == 10
-    comp = formula_composition(s_name)
+    comp, order = formula_composition(s_name), formula_composition(s_name, True)
     hits = [
         t
         for t, (n, T, _) in tables.items()
@@ -585,6 +590,9 @@ def _splat_tag(s_name: str, splat_id: str, ll_id: int, q300: float, tables: dict
             f"Splatalogue species '{s_name}' ({SPLAT_LISTS[ll_id]}): no {SPLAT_LISTS[ll_id]} "
             f"partition function of mass {mass} and the same atoms"
         )
+
+    same_order = [t for t in hits if formula_composition(tables[t][0], True) == order]
+    hits = same_order or hits
 
     def misfit(t):
         T, q = tables[t][1], tables[t][2]

@@ -46,8 +46,20 @@ def test_splatalogue_known_jpl_line(shared_data):
     assert "tag 041001" in mol.source and "CH3CN v8=1" in mol.source  # one JPL entry, two states
 
 
+def test_splatalogue_isotopomers_pair_by_position(shared_data):
+    db = shared_data / SPLAT  # same atoms, different 13C position: told apart by atom order
+    tags = {
+        n: lte.load_molecule(n, catalog=db).source for n in ("H(13)CCCN", "HC(13)CCN", "HCC(13)CN")
+    }
+    assert "tag 052509 HC-13-CCN" in tags["H(13)CCCN"]
+    assert "tag 052510 HCC-13-CN" in tags["HC(13)CCN"]
+    assert "tag 052511 HCCC-13-N" in tags["HCC(13)CN"]
+
+
 def test_splatalogue_refusals(shared_data):
     db = shared_data / SPLAT
+    with pytest.raises(ValueError, match="no CDMS partition function of mass 43"):
+        lte.read_splatalogue(db, "HNCO v=0", tables={})
     with pytest.raises(ValueError, match="no partition function"):
         lte.load_molecule("CH3OH", catalog=db)  # SLAIM rows only
     with pytest.raises(ValueError, match="unknown molecule 'CH3OHX'.*closest"):

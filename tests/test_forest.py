@@ -58,6 +58,12 @@ def test_holdout_never_in_training_states(toy, monkeypatch):
         forest.draw_forest(0, toy, band=9)
     with pytest.raises(ValueError, match="preset"):
         forest.draw_forest(0, toy, preset="disk")
+    with pytest.raises(ValueError, match="not among the molecules"):
+        forest.draw_forest(0, toy, target="NH2CHO")
+    with pytest.raises(ValueError, match="no molecules left"):
+        forest.draw_forest(0, toy, exclude=list(toy))
+    _, broad = forest.draw_forest(0, toy, preset="hot_core")
+    assert 3.0 <= broad["fwhm_kms"] <= 8.0 and len(broad["params"]) >= 10
 
 
 def test_hanning_noise_is_correlated():
