@@ -13,6 +13,7 @@ import fit_cube
 import forest
 import forest_cube
 import lte
+import spectuner
 
 HOLDOUT = ("CH3OCHO", "CH3OCH3", "C2H3CN", "OCS-34")  # train.HOLDOUT
 
@@ -42,6 +43,7 @@ def test_spectrum_is_sum_of_lte_plus_noise(toy, monkeypatch):
         np.testing.assert_array_equal(w.T_obs_K, w2.T_obs_K)  # same seed, same state
         assert abs(np.std(noise) / w.rms_K - 1) < 0.1 and model.max() > 10 * w.rms_K
     assert "CH3CN" in truth["params"] and truth["target"] == "CH3CN"
+    assert forest.ForestWindow._fields == spectuner.Window._fields  # the lead converts by *w
     T_ex = np.array([p[1] for p in truth["params"].values()])
     assert np.all(np.abs(T_ex / truth["T_src_K"] - 1) <= 0.3 + 1e-12)  # +-30 % of the source
 
