@@ -4,6 +4,7 @@ python bench.py lte [--ref_python PY]  # forward model vs the reference (issues 
 python bench.py fit      # wall time and nfev per fit on the IRAS 16293-2422 B windows (issue 3)
 python bench.py recover  # how often each optimiser recovers synthetic CH3OH truths (issue 3)
 python bench.py cube     # cube fitting throughput (issue 4)
+python bench.py forest   # line statistics of forest.py's hot_corino vs IRAS 16293-2422 B (issue 11)
 """
 
 import argparse
@@ -273,6 +274,75 @@ def bench_cube(ref_python: str = "") -> None:
 
 
 BENCHES["cube"] = bench_cube
+
+
+def bench_forest(n_seeds: int = 200, preset: str = "hot_corino", band: int = 6) -> None:
+    """Realism of forest.py (issue 11): line statistics (forest.line_stats) of n_seeds one-window
+    states of the preset in the band against the 10 real IRAS 16293-2422 B Band 6 windows; a
+    statistic is bracketed when the real median lies in the simulated 10-90 % range. Writes
+    results/bench_forest.txt and results/forest_vs_real.png (a simulated window above a real
+    one)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import forest
+
+    folder = SHARED / "spectra" / "iras16293b"
+    real = []
+    with open(folder / "windows.csv") as fh:
+        for row in csv.DictReader(fh):
+            f, T = np.loadtxt(folder / f"spw{row['spw']}.dat", unpack=True)
+            real.append((f, T, float(row["rms_K"])))
+    mols = forest.load_forest_molecules(SHARED / "catalogs")
+    t0 = time.perf_counter()
+    sims = [forest.draw_forest(s, mols, preset=preset, band=band)[0][0] for s in range(n_seeds)]
+    wall_s = time.perf_counter() - t0
+    sim_stats = [forest.line_stats(w.T_obs_K, w.rms_K) for w in sims]
+    real_stats = [forest.line_stats(T, rms) for _, T, rms in real]
+    lines = [f"# python bench.py forest: preset={preset} band={band} seeds={n_seeds} "
+             f"molecules={len(mols)} draw_s_per_state={wall_s / n_seeds:.3f}",
+             "stat real_median real_min real_max sim_q10 sim_q50 sim_q90 bracketed"]  # fmt: skip
+    for key in sim_stats[0]:
+        s = np.nanquantile([x[key] for x in sim_stats], [0.1, 0.5, 0.9])
+        r = [x[key] for x in real_stats]
+        inside = s[0] <= np.median(r) <= s[2]
+        lines.append(f"{key} {np.median(r):.3g} {min(r):.3g} {max(r):.3g} "
+                     f"{s[0]:.3g} {s[1]:.3g} {s[2]:.3g} {'yes' if inside else 'no'}")  # fmt: skip
+    rng, ref = np.random.default_rng(0), []  # literature columns on the real channels (rest)
+    for f, _, rms in real:
+        p = {n: [0.3, 200.0, 1e19 * 10 ** (forest.SPECIES[n][2] + 0.5 * (n != "CH3OH")), 1.0, 0.0]
+             for n in mols}  # fmt: skip
+        T = forest.forest_spectrum(f * (1 + 2.7 / lte.C_KMS), mols, p, 5.0)
+        ref.append(forest.line_stats(T + rng.normal(0.0, rms, T.size), rms)["peaks_per_1000"])
+    lines.append(f"# literature columns (N(CH3OH) = 1e19, PILS ratios, others 0.5 dex above the "
+                 f"low end of their range; eta 0.3, T_ex 200 K, FWHM 1 km/s) on the real "
+                 f"channels: peaks_per_1000 median={np.median(ref):.3g}")  # fmt: skip
+    text = "\n".join(lines)
+    print(text)
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "bench_forest.txt").write_text(text + "\n")
+    k = int(np.argsort([x["peaks_per_1000"] for x in sim_stats])[n_seeds // 2])  # median state
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6))
+    for ax, (f, T, rms), label in [
+        (axes[0], (sims[k].freq_MHz, sims[k].T_obs_K, sims[k].rms_K), f"{preset} seed {k}"),
+        (axes[1], real[0], "IRAS 16293-2422 B spw 105 (observed frame)"),
+    ]:
+        ax.plot(f / 1e3, T, lw=0.5, color="k")
+        ax.axhline(4 * rms, color="r", lw=0.5, ls="--")
+        ax.set_title(f"{label}: rms {rms:.2f} K, dashed 4 rms", fontsize=9)
+        ax.set_ylabel("T [K]")
+    axes[1].set_xlabel("frequency [GHz]")
+    fig.tight_layout()
+    fig.savefig(out / "forest_vs_real.png", dpi=120)
+    print(f"wrote={out / 'bench_forest.txt'} figure={out / 'forest_vs_real.png'}")
+
+
+BENCHES["forest"] = bench_forest
 
 
 def main() -> None:
