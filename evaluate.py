@@ -30,7 +30,8 @@ SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
 class Config:
     out: str = "runs/eval"  # output folder: config.json, results.csv, summary.csv, figure.png
     n_spectra: int = 200  # synthetic spectra per group
-    groups: str = "trained,heldout,real"  # comma list of trained, heldout, real
+    groups: str = "trained,heldout,real"  # comma list: trained, heldout, real, forest_trained,
+    # forest_heldout (line forests of forest.py, preset hot_corino, trained / held-out targets)
     trained: str = "CH3OH,CH3CHO,SO2,HC3N,CH3CN"  # molecules of the training set (synthetic group)
     heldout: str = "CH3OCHO,CH3OCH3,C2H3CN"  # molecules never seen in training
     real_mols: str = "CH3OH,SO2,OCS,HC3N"  # molecules fitted on the real windows
@@ -82,6 +83,26 @@ def synthetic_case(mol, others, rng, cfg) -> dict:
         T = T + lte.spectrum(freq, others[other], draw_params(rng)[None])[0]
     T = T + rng.normal(0.0, rms, freq.size)
     return dict(windows=[spectuner.Window(freq, T, rms)], mol=mol, truth=truth, v_lsr=0.0)
+
+
+def forest_cases(group: str, cfg, rng) -> list[dict]:
+    """n_spectra line-forest spectra (forest.py, issue 11) whose target is a trained molecule
+    in a forest without held-out ones (forest_trained), or a held-out molecule (forest_heldout)."""
+    import forest
+
+    held = cfg.heldout.split(",")
+    mols = forest.load_forest_molecules(cfg.catalog, quiet=True)
+    exclude = held if group == "forest_trained" else ()
+    names = sorted(n for n in mols if forest.is_excluded(n, held) == (group == "forest_heldout"))
+    if not names:
+        raise ValueError(f"--groups {group}: no target among the forest molecules")
+    cases = []
+    for i in range(cfg.n_spectra):
+        name = names[i % len(names)]
+        wins, truth = forest.draw_forest(rng, mols, name, "hot_corino", 6, 1, exclude)
+        cases.append(dict(windows=[spectuner.Window(*w) for w in wins], mol=mols[name],
+                          truth=truth["params"][name], v_lsr=0.0))  # fmt: skip
+    return cases
 
 
 def real_cases(cfg) -> list[dict]:
@@ -232,10 +253,9 @@ def fit_all(cfg: Config) -> list[dict]:
     """Make the spectra and fit each with every method; rows of raw results."""
     rng = np.random.default_rng(cfg.seed)
     groups = cfg.groups.split(",")
-    if not set(groups) <= {"trained", "heldout", "real"}:
-        raise ValueError(
-            f"--groups {cfg.groups!r}: expected a comma list of trained, heldout, real"
-        )
+    known = {"trained", "heldout", "real", "forest_trained", "forest_heldout"}
+    if not set(groups) <= known:
+        raise ValueError(f"--groups {cfg.groups!r}: expected a comma list of {sorted(known)}")
     trained = [load(n, cfg) for n in cfg.trained.split(",")]
     tasks = []
     if "real" in groups:
@@ -248,6 +268,8 @@ def fit_all(cfg: Config) -> list[dict]:
             others = [m for m in trained if m.name != mol.name]
             synthetic[group].append((group, i, synthetic_case(mol, others, rng, cfg), cfg))
     tasks += [t for pair in zip(*synthetic.values()) for t in pair]  # groups interleaved
+    for group in [g for g in groups if g.startswith("forest")]:
+        tasks += [(group, i, c, cfg) for i, c in enumerate(forest_cases(group, cfg, rng))]
     t0, rows = time.perf_counter(), []
     pool = Pool(cfg.workers) if cfg.workers > 1 else None
     fields = ["group", "case", "molecule", "method", "n_init", "loss", "nfev", "time_s", "used",

@@ -48,6 +48,7 @@ import numpy as np
 import scipy.stats
 import torch
 
+import forest
 import lte
 import model
 import spectuner
@@ -93,6 +94,8 @@ class Config:
     catalog: str = "../shared/data/catalogs"  # folder of .cat files; CH3OH is bundled
     real_dir: str = "../shared/data/spectra/iras16293b"  # real windows; "" = none
     real_frac: float = 0.15  # fraction of fresh states from the real spectra
+    forest_frac: float = 0.7  # fraction of the other fresh states from forest.py line forests
+    forest_preset: str = "hot_corino"  # forest.PRESETS key of those states
     v_lsr: float = 2.7  # real spectra: systemic velocity [km/s]
     freq_lo_MHz: float = 80e3  # synthetic windows lie between these rest frequencies [MHz]
     freq_hi_MHz: float = 370e3  # (upper limit)
@@ -209,14 +212,40 @@ def make_state(sid: int, kind: int, ctx: dict, cfg: Config) -> dict:
         name = "CH3OH"
         pick = rng.choice(len(ctx["real"]), int(rng.integers(1, 4)), replace=False)
         wins, u_true = [ctx["real"][i] for i in sorted(pick)], None
+    elif ctx.get("forest") and rng.random() < cfg.forest_frac:
+        return forest_state(sid, kind, rng, ctx, cfg)
     else:
         name = sorted(targets)[int(rng.integers(len(targets)))]
         pool = [m for m in sorted(ctx["train"]) if m != name]
         n_other = min(len(pool), int(rng.integers(0, cfg.max_others + 1)))
         others = [ctx["train"][pool[i]] for i in rng.choice(len(pool), n_other, replace=False)]
         wins, u_true = synthetic_windows(rng, targets[name], others, ctx["box"], cfg)
-    mol = targets[name]
-    fit = spectuner.Problem(wins, [mol], ctx["box"], cfg.loss)  # the fit's own loss (§4)
+    return _state(sid, name, targets[name], wins, real, u_true, ctx, cfg)
+
+
+def forest_state(sid: int, kind: int, rng, ctx: dict, cfg: Config) -> dict:
+    """A line-forest state (forest.py, issue 11): a hot corino or hot core of many molecules
+    sharing one velocity field, in one to three windows of an ALMA band where the target has
+    lines. Training states (kinds 0, 1) never hold a held-out molecule, as target or forest;
+    held-out states (kind 2) have a held-out target in a forest of the other molecules."""
+    mols = ctx["forest"] if kind != 2 else ctx["forest_all"]
+    names = sorted(n for n in mols if forest.is_excluded(n, cfg.holdout) == (kind == 2))
+    name = names[int(rng.integers(len(names)))]
+    bands = [b for b, (lo, hi) in sorted(forest.BANDS_GHZ.items())
+             if lte.select_lines(mols[name], 1e3 * lo, 1e3 * hi).A_s.size]  # fmt: skip
+    exclude = () if kind == 2 else tuple(cfg.holdout)
+    band, n_win = bands[int(rng.integers(len(bands)))], int(rng.integers(1, cfg.max_windows + 1))
+    wins, truth = forest.draw_forest(rng, mols, name, cfg.forest_preset, band, n_win, exclude)
+    u = spectuner.to_unit(truth["params"][name][None], ctx["box"])[0]
+    u_true = u if np.all((u >= 0) & (u <= 1)) else None  # outside the box: no truth to imitate
+    state = _state(sid, name, mols[name], [spectuner.Window(*w) for w in wins], False, u_true,
+                   ctx, cfg)  # fmt: skip
+    return state | dict(forest=sorted(truth["params"]))  # the molecules in its spectrum
+
+
+def _state(sid, name, mol, wins, real, u_true, ctx, cfg) -> dict:
+    """The state record: its fitting problem (the fit's own loss, §4) and the policy's tokens."""
+    fit = spectuner.Problem(wins, [mol], ctx["box"], cfg.loss)
     return dict(
         sid=sid, name=name, problem=fit, n_peaks=sum(c["obs"][2].size for c in fit.consts),
         real=real, u_true=u_true,
@@ -365,6 +394,12 @@ def main(cfg: Config) -> dict:
                real=load_real(cfg.real_dir, cfg.v_lsr), box=box, mcfg=mcfg)  # fmt: skip
     if not ctx["train"]:
         raise ValueError(f"none of the training molecules {cfg.molecules} could be loaded")
+    if cfg.forest_frac > 0 and Path(cfg.catalog).is_dir():
+        ctx["forest_all"] = forest.load_forest_molecules(cfg.catalog, quiet=True)
+        ctx["forest"] = {n: m for n, m in ctx["forest_all"].items()
+                         if not forest.is_excluded(n, cfg.holdout)}  # fmt: skip
+    elif cfg.forest_frac > 0:
+        print(f"skip=forest reason='catalogue folder {cfg.catalog} is absent'")
     print(f"molecules train={len(ctx['train'])} hold={len(ctx['hold'])} real={len(ctx['real'])}")
     kinds = [k for k, s in ((1, "train"), (2, "hold")) if cfg.eval_every and ctx[s]]
     evals = [[make_state(i, kind, ctx, cfg) for i in range(cfg.n_eval)] for kind in kinds]
@@ -410,9 +445,7 @@ def main(cfg: Config) -> dict:
         batch = model.collate([s["tokens"] for s in states], cfg.device)
         with torch.no_grad():
             u = net.sample(batch, K, generator=gen)[0].double().cpu().numpy()  # (K, B, 5)
-        losses = np.stack(
-            [s["problem"](u[:, b]) for b, s in enumerate(states)], 1
-        )
+        losses = np.stack([s["problem"](u[:, b]) for b, s in enumerate(states)], 1)
         # member K: a replayed state's stored best action (self imitation), a fresh synthetic
         # state's true parameters (use_truth, ours), else none
         u_all = np.concatenate([u, u[:1]], 0)  # (K+1, B, 5)

@@ -60,3 +60,15 @@ def test_unknown_group_is_an_error(tmp_path):
     cfg = evaluate.Config(out=str(tmp_path), groups="trained,nope", trained="CH3OH")
     with pytest.raises(ValueError, match="nope"):
         evaluate.fit_all(cfg)
+
+
+def test_forest_groups_have_trained_and_held_out_targets(shared_data):
+    cfg = evaluate.Config(n_spectra=3, catalog=str(shared_data / "catalogs"))
+    trained = evaluate.forest_cases("forest_trained", cfg, np.random.default_rng(0))
+    held = evaluate.forest_cases("forest_heldout", cfg, np.random.default_rng(0))
+    names = cfg.heldout.split(",")
+    assert all(c["mol"].name not in names for c in trained)
+    assert all(c["mol"].name in names for c in held)
+    for case in trained + held:  # the truth is the target's, and its lines are in the window
+        (w,) = case["windows"]
+        assert case["truth"].shape == (5,) and w.T_obs_K.max() > 5 * np.max(w.rms_K)

@@ -155,3 +155,23 @@ def test_shipped_policy_beats_uniform_draws():
         U = np.random.default_rng(100 + r).random((50, 5))
         best_uniform.append(fit(U).min())
     assert np.median(best_policy) < np.median(best_uniform)
+
+
+def test_forest_states_keep_held_out_molecules_apart(shared_data):
+    forest = pytest.importorskip("forest")
+    cfg = train.Config(holdout=list(train.HOLDOUT), catalog=str(shared_data / "catalogs"))
+    every = forest.load_forest_molecules(cfg.catalog, quiet=True)
+    ctx = dict(
+        forest_all=every,
+        box=spectuner.make_box(["t"]),
+        mcfg=model.ModelConfig(),
+        forest={n: m for n, m in every.items() if not forest.is_excluded(n, cfg.holdout)},
+    )
+    for sid in range(12):
+        state = train.forest_state(sid, 0, np.random.default_rng(sid), ctx, cfg)
+        assert not forest.is_excluded(state["name"], cfg.holdout)
+        assert state["problem"].n_chan >= 1000 and state["n_peaks"] > 0
+        assert len(state["forest"]) >= 10 and state["name"] in state["forest"]
+        assert not any(forest.is_excluded(n, cfg.holdout) for n in state["forest"])
+        held = train.forest_state(sid, 2, np.random.default_rng(sid), ctx, cfg)
+        assert forest.is_excluded(held["name"], cfg.holdout)
