@@ -272,14 +272,16 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
     out = np.zeros((len(P), idx.size))
     if layout["L"] == 0 or idx.size == 0:
         return out
-    x = layout["x"]
+    n, K = layout["n_sub"][:, None], layout["K"][:, None]
+    j0 = np.floor(layout["x"] * n)
+    lo, hi = np.floor_divide(j0 - K, n), np.floor_divide(j0 + K, n)  # channels a line touches
+    cols = np.flatnonzero(((hi >= 0) & (lo <= C - 1)).any(axis=0))  # lines that reach at all
+    x, s_all, tau_all = (layout[k][:, cols] for k in ("x", "s", "tau"))
     if channels is not None:  # move each line by a whole number of channels onto `idx`
+        lo, hi = np.clip(lo[:, cols], 0, C - 1).astype(int), hi[:, cols]
         starts = np.flatnonzero(np.diff(idx, prepend=-2) != 1)  # runs of consecutive channels
         shift = idx[starts] - starts  # full index - compressed index within each run
-        n, K = layout["n_sub"][:, None], layout["K"][:, None]
-        lo = np.clip(np.floor_divide(np.floor(x * n) - K, n), 0, C - 1).astype(int)
         run = np.clip(np.searchsorted(idx[starts], lo, side="right") - 1, 0, starts.size - 1)
-        hi = np.floor_divide(np.floor(x * n) + K, n)
         away = (hi < 0) | (lo > C - 1) | (hi < idx[0])  # touches nothing: far below the grid
         x = np.where(away, -4.0 * K - 8.0, x - shift[run])
     eta, T_ex = P[:, 0:1], P[:, 1:2]
@@ -290,11 +292,10 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
     for g in np.unique(group):
         rows = np.flatnonzero(group == g)
         n, k, simp = int(n_sub[rows[0]]), int(K[rows[0]]), bool(simpson[rows[0]])
-        step = max(1, int(3e5 // (idx.size * n + 4 * (k + 1) * layout["L"])))
+        step = max(1, int(3e5 // (idx.size * n + 4 * (k + 1) * max(cols.size, 1))))
         for a in range(0, len(rows), step):
             r = rows[a : a + step]
-            s, tau = layout["s"][r], layout["tau"][r]
-            out[r] = _average_channels(idx.size, n, k, x[r], s, tau, amp[r], simp)
+            out[r] = _average_channels(idx.size, n, k, x[r], s_all[r], tau_all[r], amp[r], simp)
     return out
 
 
