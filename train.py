@@ -394,7 +394,7 @@ def main(cfg: Config) -> dict:
                real=load_real(cfg.real_dir, cfg.v_lsr), box=box, mcfg=mcfg)  # fmt: skip
     if not ctx["train"]:
         raise ValueError(f"none of the training molecules {cfg.molecules} could be loaded")
-    if cfg.forest_frac > 0 and Path(cfg.catalog).is_dir():
+    if cfg.forest_frac > 0 and cfg.catalog and Path(cfg.catalog).is_dir():
         ctx["forest_all"] = forest.load_forest_molecules(cfg.catalog, quiet=True)
         ctx["forest"] = {n: m for n, m in ctx["forest_all"].items()
                          if not forest.is_excluded(n, cfg.holdout)}  # fmt: skip
