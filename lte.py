@@ -335,6 +335,30 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
     return (out[:, ::-1] if flip else out).reshape(*params.shape[:-1], freq.size)
 
 
+def reference_spectrum(
+    freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True, n_sub: int = 400
+) -> np.ndarray:
+    """METHOD §2 as written, for one parameter set: slow, for reading and for tests.
+
+    tau(nu) = sum_t tau_t G(nu; mu_t, sigma_t) on n_sub points per channel, then
+    T(nu) = eta [J(nu, T_ex) - J(nu, T_CMB) - T_bg] (1 - exp(-tau(nu))) averaged over each
+    channel. `spectrum` computes the same thing fast (and agrees to 1e-3 of the peak).
+
+    Args: freq_MHz (C,) ascending; params (5,); T_bg_K scalar. Returns: (C,) [K].
+    """
+    eta, T_ex, N, fwhm, v_off = np.asarray(params, dtype=float)
+    edges = _channel_edges(np.asarray(freq_MHz, dtype=float))
+    nu = edges[:-1, None] + np.diff(edges)[:, None] * (np.arange(n_sub) + 0.5) / n_sub  # (C, S)
+    tau_t = _integrated_tau(mol, np.array([[T_ex]]), np.array([[N]]))[0]  # (L,) [MHz]
+    mu = mol.freq_MHz * (1 - v_off / C_KMS)  # line centres
+    sigma = fwhm / FWHM_PER_SIGMA * mu / C_KMS  # line widths
+    tau = np.zeros_like(nu)
+    for t, m, s in zip(tau_t, mu, sigma):
+        tau += t * np.exp(-0.5 * ((nu - m) / s) ** 2) / (math.sqrt(2 * math.pi) * s)
+    dJ = planck_J_K(np, nu, T_ex) - cmb * planck_J_K(np, nu, T_CMB_K) - T_bg_K
+    return (eta * dJ * -np.expm1(-tau)).mean(axis=1)
+
+
 def peak_opacity(freq_MHz, mol: Molecule, params) -> np.ndarray:
     """Largest line-centre opacity tau_0 = tau_t / (sqrt(2 pi) sigma_t) among the molecule's
     lines whose centre falls in the window (rest frame; tau_t, sigma_t as in `spectrum`).

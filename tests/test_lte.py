@@ -69,6 +69,16 @@ def test_channel_average_matches_brute_force(fwhm_chan, tau0):
         assert np.abs(model - ref).max() <= 1e-3 * np.abs(ref).max()
 
 
+def test_reference_spectrum_is_the_brute_force_definition():
+    mol = one_line()
+    f = window(n_chan=300)
+    p = np.array([0.7, 40.0, N_for_peak_tau(mol, 3.0, 40.0, 0.5), 0.5, 0.2])
+    ref = lte.reference_spectrum(f, mol, p, T_bg_K=1.5, n_sub=200)
+    assert ref.max() > 5.0
+    np.testing.assert_allclose(ref, brute_force(f, mol, p, n_sub=200, T_bg_K=1.5), atol=1e-12)
+    assert np.abs(lte.spectrum(f, mol, p[None], T_bg_K=1.5)[0] - ref).max() < 1e-3 * ref.max()
+
+
 def test_line_centre_outside_window_still_contributes_wings():
     mol = one_line()
     f = window(n_chan=100, dnu_MHz=0.1)
