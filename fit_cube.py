@@ -29,6 +29,7 @@ import platform
 import re
 import signal
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -77,6 +78,7 @@ class Config:
     scheduler: str = ""  # Dask scheduler address, or "local" (a LocalCluster); "" = process pool
     out: str = ""  # output folder; "" = <cube stem>_fit/ in the current folder
     resume: bool = False  # continue the partial run in --out (same cube and fit options)
+    overwrite: bool = False  # delete the results of an earlier run in --out and start afresh
     flush_every: int = 64  # pixels per chunk written to OUT/chunks/
     log_every_s: float = 5.0  # seconds between progress lines (stderr and OUT/metrics.csv)
     quiet: bool = False  # no progress or log lines on stderr
@@ -165,7 +167,10 @@ def read_cube(path: str, bunit: str = "") -> dict:
     """Read a FITS cube into (C, Y, X) with its frequencies, unit factors and 2-D WCS.
 
     Any axis order; CRPIX, CDELT sign and CUNIT honoured by wcslib; degenerate axes (Stokes)
-    dropped. Y is the spatial axis with the higher FITS index, X the lower.
+    dropped. Y is the spatial axis with the higher FITS index, X the lower. The channels come
+    in ascending frequency whatever the file's order (descending is True when the file's
+    frequencies fall: data, freq_MHz, K_per_unit and beam_arcsec are then flipped), so that a
+    fit does not depend on it.
 
     Args:
         path: FITS file; the first HDU with >= 3 axes is the cube.
@@ -174,13 +179,46 @@ def read_cube(path: str, bunit: str = "") -> dict:
         dict: data (C, Y, X) float32 in the file's unit; freq_MHz (C,) observed frame;
         K_per_unit (C,) to convert to K; unit; beam_arcsec (C, 2) or None; wcs2d (fits.Header);
         header; order (numpy axes of C, Y, X, then the rest); shape (file array); specsys;
-        restfrq_Hz; v_lsr_kms from the header or None.
+        restfrq_Hz; v_lsr_kms from the header or None; descending.
     Raises:
-        FileNotFoundError: no such file. ValueError: no cube, a non-degenerate extra axis, a
-        spectral axis that cannot be read, an unknown unit, or Jy/beam without a beam.
+        FileNotFoundError: no such file. ValueError: not a readable FITS file (truncated, or
+        another format), no cube, a non-degenerate extra axis, a spectral axis that cannot be
+        read, an unknown unit, or Jy/beam without a beam.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"cube {path} not found")
+    with warnings.catch_warnings(record=True) as caught:  # one line for a damaged file
+        try:
+            cube = _read_hdu(path)
+        except (OSError, TypeError, EOFError) as err:  # astropy's, for truncated or not FITS
+            raise ValueError(f"cube {path} is not a readable FITS file ({err})") from None
+    for w in caught:
+        if "truncated" in str(w.message):
+            raise ValueError(f"cube {path} is not a readable FITS file ({w.message})")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    data, freq_Hz, beams, header, w, spatial, order, shape = cube
+    n_chan = data.shape[0]
+    descending = bool(freq_Hz[0] > freq_Hz[-1])
+    if descending:  # ascending channels: the fit must not depend on the file's order
+        data, freq_Hz = np.ascontiguousarray(data[::-1]), freq_Hz[::-1].copy()
+        beams = None if beams is None else beams[::-1].copy()
+    unit, scale = brightness_unit(bunit or header.get("BUNIT", ""))
+    factor = np.full(n_chan, scale)
+    if unit == "Jy/beam":
+        if beams is None:
+            raise ValueError(f"{path}: BUNIT is Jy/beam but there is no BMAJ/BMIN or BEAMS table")
+        factor = scale * K_PER_JY / ((freq_Hz / 1e9) ** 2 * beams[:, 0] * beams[:, 1])
+    v_key = next((k for k in V_LSR_KEYS if k in header), None)
+    return dict(data=data, freq_MHz=freq_Hz / 1e6, K_per_unit=factor, unit=unit, beam_arcsec=beams,
+                wcs2d=w.sub([spatial[0] + 1, spatial[1] + 1]).to_header(), header=header,
+                order=order, shape=shape, specsys=w.wcs.specsys, restfrq_Hz=w.wcs.restfrq,
+                v_lsr_kms=header[v_key] / 1e3 if v_key else None,
+                descending=descending)  # fmt: skip
+
+
+def _read_hdu(path: str) -> tuple:
+    """(data (C, Y, X) in the file's channel order, freq_Hz, beams, header, wcs, spatial axes,
+    numpy axis order, file shape) of the cube in path; the errors of read_cube."""
     with fits.open(path) as hdul:
         hdu = next((h for h in hdul if h.is_image and h.header.get("NAXIS", 0) >= 3), None)
         if hdu is None:
@@ -208,17 +246,7 @@ def read_cube(path: str, bunit: str = "") -> dict:
         data = arr.transpose(order).reshape(n_chan, arr.shape[order[1]], arr.shape[order[2]])
         freq_Hz = _spectral_Hz(w, n_chan)
         beams = read_beams(hdul, header, n_chan)
-    unit, scale = brightness_unit(bunit or header.get("BUNIT", ""))
-    factor = np.full(n_chan, scale)
-    if unit == "Jy/beam":
-        if beams is None:
-            raise ValueError(f"{path}: BUNIT is Jy/beam but there is no BMAJ/BMIN or BEAMS table")
-        factor = scale * K_PER_JY / ((freq_Hz / 1e9) ** 2 * beams[:, 0] * beams[:, 1])
-    v_key = next((k for k in V_LSR_KEYS if k in header), None)
-    return dict(data=data, freq_MHz=freq_Hz / 1e6, K_per_unit=factor, unit=unit, beam_arcsec=beams,
-                wcs2d=w.sub([spatial[0] + 1, spatial[1] + 1]).to_header(), header=header,
-                order=order, shape=arr.shape, specsys=w.wcs.specsys, restfrq_Hz=w.wcs.restfrq,
-                v_lsr_kms=header[v_key] / 1e3 if v_key else None)  # fmt: skip
+    return data, freq_Hz, beams, header, w, spatial, order, arr.shape
 
 
 def read_plane(path: str, shape: tuple, what: str) -> tuple[np.ndarray, fits.Header]:
@@ -261,12 +289,17 @@ def parse_region(region: str, shape: tuple) -> tuple[slice, slice]:
     """Pixel box "X0:X1,Y0:Y1" (0-based, end excluded) -> (y slice, x slice) inside the map.
 
     Raises:
-        ValueError: not of that form, or an empty box inside the map.
+        ValueError: not of that form, an empty box, or a box reaching beyond the map (it is
+        not clipped: a typo would otherwise fit another box than the one meant).
     """
     m = re.fullmatch(r"\s*(\d+):(\d+)\s*,\s*(\d+):(\d+)\s*", region)
     x0, x1, y0, y1 = (int(g) for g in m.groups()) if m else (0, 0, 0, 0)
-    if not m or x0 >= min(x1, shape[1]) or y0 >= min(y1, shape[0]):
-        raise ValueError(f"--region {region!r}: expected X0:X1,Y0:Y1 inside {shape[1]}x{shape[0]}")
+    ny, nx = shape
+    if not m or x0 >= x1 or y0 >= y1:
+        raise ValueError(f"--region {region!r}: expected X0:X1,Y0:Y1 with X0 < X1 and Y0 < Y1")
+    if x1 > nx or y1 > ny:
+        raise ValueError(f"--region {region!r} reaches beyond the {nx} x {ny} pixel map "
+                         f"(X 0:{nx}, Y 0:{ny}); give a box inside it")  # fmt: skip
     return slice(y0, y1), slice(x0, x1)
 
 
@@ -275,14 +308,38 @@ def parse_region(region: str, shape: tuple) -> tuple[slice, slice]:
 _SHARED = {}  # read-only data of the run, set once per worker by _init_worker
 
 
-def _init_worker(shared: dict, in_pool: bool = True) -> None:
-    """Pool initializer: keep the shared data; one thread; Ctrl-C is the parent's job."""
+def _init_worker(shared: dict, in_pool: bool = True, parent_pid: int | None = None) -> None:
+    """Pool initializer: keep the shared data; one thread; Ctrl-C and SIGTERM are the parent's
+    job (it flushes, then shuts the pool down); exit when the parent is gone."""
     _SHARED.clear()
     _SHARED.update(shared)
     if in_pool:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
+
+
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Kill this worker when its parent dies, even by SIGKILL (out of memory), so that no orphan
+    keeps its memory: Linux's PR_SET_PDEATHSIG, and everywhere a daemon thread that polls the
+    parent pid (a dead parent's children are handed to another process)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the thread below does it
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def finite_runs(ok: np.ndarray, min_len: int) -> list[tuple[int, int]]:
@@ -433,7 +490,8 @@ def run_pool(shared: dict, batches: list, cfg: Config):
     """Yield results from `cfg.workers` spawned processes; BLAS/OpenMP one thread each."""
     saved = {k: os.environ.get(k) for k in THREAD_VARS}
     os.environ.update({k: "1" for k in THREAD_VARS})  # inherited by the spawned workers
-    pool = ProcessPoolExecutor(cfg.workers, get_context("spawn"), _init_worker, (shared,))
+    pool = ProcessPoolExecutor(cfg.workers, get_context("spawn"), _init_worker,
+                               (shared, True, os.getpid()))  # fmt: skip
     try:
         pending = set()
         for b in batches:  # a generator may still be drawing network starts: keep workers fed
@@ -550,28 +608,62 @@ def write_model_cube(path: Path, S: dict, maps: dict, cube: dict, names: list) -
     fits.PrimaryHDU(model, header).writeto(path, overwrite=True)
 
 
-def quicklook(path: Path, maps: dict, names: list) -> bool:
+def to_file_order(path: Path, cube: dict) -> None:
+    """Flip a cube written in read_cube's ascending channels back to the file's (descending)
+    order, so that it matches the input header it carries."""
+    with fits.open(path, memmap=False) as hdul:
+        data, header = hdul[0].data, hdul[0].header
+    fits.PrimaryHDU(np.flip(data, axis=cube["order"][0]), header).writeto(path, overwrite=True)
+
+
+def quicklook(path: Path, maps: dict, names: list, unit: str = "") -> bool:
     """PNG of every parameter map, loss and status (False when matplotlib is not installed)."""
     try:
-        from matplotlib.figure import Figure
+        fig = quicklook_figure(maps, names, unit)
     except ImportError:
         return False
+    fig.savefig(path, dpi=80)
+    return True
+
+
+def quicklook_figure(maps: dict, names: list, unit: str = ""):
+    """The quick-look figure: a row per molecule (log10 of eta and N_tot), then loss, nfev, rms
+    (in the cube's unit) and status with a colour bar of the status names."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+
     rows = len(names) + 1
-    fig = Figure(figsize=(15, 2.8 * rows), layout="constrained")
+    fig = Figure(figsize=(15, 2.9 * rows + 0.4), layout="constrained")
     axes = fig.subplots(rows, 5, squeeze=False)
     for k, m in enumerate(names):
         for j, p in enumerate(PARAMS):
             image = maps["values"][5 * k + j]
-            image = np.log10(image) if p in ("N_tot", "eta") else image
-            label = f"log10 {p}" if p in ("N_tot", "eta") else f"{p} [{PARAM_UNITS[p]}]"
+            log = p in ("N_tot", "eta")
+            with np.errstate(divide="ignore", invalid="ignore"):
+                image = np.log10(image) if log else image
+            unit_p = f" [{PARAM_UNITS[p]}]" if PARAM_UNITS[p] else " (no unit)"
             fig.colorbar(axes[k, j].imshow(image, origin="lower"), ax=axes[k, j])
-            axes[k, j].set_title(f"{m} {label}", fontsize=9)
-    for j, key in enumerate(("loss", "nfev", "rms", "status")):
+            axes[k, j].set_title(f"{m} {'log10 ' if log else ''}{p}{unit_p}", fontsize=9)
+    extra = (("loss", "loss"), ("nfev", "forward-model runs"), ("rms", f"rms [{unit}]"))
+    for j, (key, title) in enumerate(extra):
         fig.colorbar(axes[-1, j].imshow(maps[key], origin="lower"), ax=axes[-1, j])
-        axes[-1, j].set_title(key, fontsize=9)
+        axes[-1, j].set_title(title, fontsize=9)
+    codes = sorted(STATUS)
+    colours = ["0.6", "C2", "0.85", "0.35", "C1", "C4", "C3", "C0"]  # -1 pending ... 6
+    norm = BoundaryNorm(np.arange(codes[0] - 0.5, codes[-1] + 1), len(codes))
+    im = axes[-1, 3].imshow(maps["status"], origin="lower", cmap=ListedColormap(colours),
+                            norm=norm, interpolation="nearest")  # fmt: skip
+    bar = fig.colorbar(im, ax=axes[-1, 3], ticks=codes)
+    bar.ax.set_yticklabels([f"{STATUS[c]}" for c in codes], fontsize=7)
+    axes[-1, 3].set_title("status", fontsize=9)
     axes[-1, 4].set_axis_off()
-    fig.savefig(path, dpi=80)
-    return True
+    for ax in axes.ravel():
+        if ax.get_title():
+            ax.set_xlabel("x [pixel]", fontsize=8)
+            ax.set_ylabel("y [pixel]", fontsize=8)
+    fig.suptitle("eta and N_tot are degenerate where the lines are thin (only eta x N_tot is "
+                 "constrained; see M_tau_max.fits): read them together", fontsize=9)  # fmt: skip
+    return fig
 
 
 def file_sha256(path) -> str:
@@ -612,6 +704,8 @@ def write_outputs(out: Path, S: dict, cube: dict, cfg: Config, info: dict, compl
         write_map(out / f"{key}.fits", maps[key], cube, unit, key)
     if complete:
         write_model_cube(out / "model_cube.fits", S, maps, cube, names)
+        if cube.get("descending"):
+            to_file_order(out / "model_cube.fits", cube)
     elif (out / "model_cube.fits").exists():
         (out / "model_cube.fits").unlink()  # of an earlier run: it would not match these maps
     reasons = {"failed": {}, "unconverged": {}}
@@ -635,7 +729,7 @@ def write_outputs(out: Path, S: dict, cube: dict, cfg: Config, info: dict, compl
     summary = info | dict(complete=complete, counts=counts, summary_line=line,
                           status_codes={str(c): s for c, s in STATUS.items()})  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    summary["quicklook"] = quicklook(out / "quicklook.png", maps, names)
+    summary["quicklook"] = quicklook(out / "quicklook.png", maps, names, cube["unit"])
     return summary
 
 
@@ -683,6 +777,56 @@ def make_demo(path: str, n_pix: int = 8, n_chan: int = 440, seed: int = 0) -> di
     return truth
 
 
+# --- checks made before the first pixel ---
+
+OUT_FILES = ("run.json", "summary.json", "failures.csv", "metrics.csv", "quicklook.png")
+
+
+def resolve_workers(requested: int, cores: int) -> tuple[int, str]:
+    """(worker count, note): 0 = all cores; more than 4 x the cores is capped there, with a note.
+
+    Raises:
+        ValueError: a negative count.
+    """
+    if requested < 0:
+        raise ValueError(f"--workers {requested}: expected 0 (all {cores} cores) or a count >= 1")
+    if requested > 4 * cores:
+        return 4 * cores, f"--workers {requested} capped to {4 * cores} (4 x the {cores} cores)"
+    return requested or cores, ""
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an --out that is (or lies under) a file, or that holds an earlier run, unless
+    --resume (continue it) or --overwrite (replace it) is given.
+
+    Raises:
+        ValueError: as above, or both --resume and --overwrite.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite: give one (continue the run in --out, or "
+                         "replace it)")  # fmt: skip
+    first = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not first.is_dir():
+        raise ValueError(f"--out {out}: {first} is a file; expected a folder (made if missing)")
+    if (out / "run.json").exists() or any(out.glob("chunks/chunk_*.npz")):
+        if not (resume or overwrite):
+            raise ValueError(f"--out {out} holds the results of an earlier run: continue it "
+                             "with --resume, replace it with --overwrite, or choose another "
+                             "--out")  # fmt: skip
+
+
+def clear_out(out: Path) -> None:
+    """Delete what an earlier run wrote in out (chunks, maps, logs); other files are kept."""
+    ours = [*out.glob("chunks/*.npz"), *(out / n for n in OUT_FILES if (out / n).exists())]
+    for path in out.glob("*.fits"):
+        try:
+            ours += [path] if fits.getheader(path).get("ORIGIN") == "fit_cube.py" else []
+        except (OSError, ValueError):
+            continue  # not ours
+    for path in ours:
+        path.unlink()
+
+
 # --- main ---
 
 
@@ -700,6 +844,15 @@ def main(cfg: Config) -> dict:
     if cfg.method not in spectuner.METHODS or cfg.loss not in spectuner.LOSSES:
         raise ValueError(f"--method {cfg.method!r} / --loss {cfg.loss!r}: expected one of "
                          f"{sorted(spectuner.METHODS)} / {sorted(spectuner.LOSSES)}")  # fmt: skip
+    if cfg.n_init < 1:
+        raise ValueError(f"--n_init {cfg.n_init}: expected a number of starts >= 1")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers, note = resolve_workers(cfg.workers, cores)
+    if note:
+        log(f"note: {note}")
+    stem = re.sub(r"\.fits?(\.gz)?$", "", Path(cfg.cube).name, flags=re.I)
+    out = Path(cfg.out or f"{stem}_fit")
+    check_out(out, cfg.resume, cfg.overwrite)
     cube = read_cube(cfg.cube, cfg.bunit)
     n_chan, ny, nx = cube["data"].shape
     if np.isfinite(cfg.v_lsr):
@@ -708,10 +861,6 @@ def main(cfg: Config) -> dict:
         v_lsr, v_from = cube["v_lsr_kms"], "header"
     else:
         v_lsr, v_from = 0.0, "default (none in the header)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = cfg.workers or cores
-    stem = re.sub(r"\.fits?(\.gz)?$", "", Path(cfg.cube).name, flags=re.I)
-    out = Path(cfg.out or f"{stem}_fit")
     cfg = dataclasses.replace(cfg, v_lsr=v_lsr, workers=workers, out=str(out))
     log(f"cube={cfg.cube} shape=({n_chan}, {ny}, {nx}) unit={cube['unit']} "
         f"specsys={cube['specsys'] or 'unset'} freq_MHz={cube['freq_MHz'].min():.3f}:"
@@ -724,12 +873,19 @@ def main(cfg: Config) -> dict:
     if cfg.mask:
         mask = read_plane(cfg.mask, (ny, nx), "mask")[0]
         selected &= np.isfinite(mask) & (mask != 0)
+    if not np.isfinite(cube["data"]).any():
+        raise ValueError(f"cube {cfg.cube} has no finite value (all NaN or inf): nothing to fit")
+    if not selected.any():
+        raise ValueError(f"--region {cfg.region!r} / --mask {cfg.mask!r} select no pixel")
     rms = None
     if cfg.rms:
         try:
             rms = np.full((ny, nx), float(cfg.rms))
         except ValueError:
             rms = read_plane(cfg.rms, (ny, nx), "noise")[0]
+        if not (rms[selected] > 0).any():  # NaN compares False
+            raise ValueError(f"--rms {cfg.rms}: expected a noise > 0 (in {cube['unit']}) in the "
+                             "selected pixels")  # fmt: skip
     T_bg = read_continuum(cfg.continuum, cube) if cfg.continuum else np.zeros((ny, nx))
     # --- model: molecules, fit options ---
     rest = cube["freq_MHz"] * (1 + v_lsr / lte.C_KMS)
@@ -738,7 +894,13 @@ def main(cfg: Config) -> dict:
     fix = spectuner.parse_assignments(cfg.fix, ranged=False)
     box = spectuner.make_box([m.name for m in mols], bounds, fix)  # bad names raise here
     span = problem.reach_kms(box) / lte.C_KMS  # keep the lines that can reach the band
-    mols = [lte.select_lines(m, rest.min() * (1 - span), rest.max() * (1 + span)) for m in mols]
+    lo, hi = rest.min() * (1 - span), rest.max() * (1 + span)
+    mols = [lte.select_lines(m, lo, hi) for m in mols]
+    for m in mols:
+        if m.freq_MHz.size == 0:
+            raise ValueError(f"molecule {m.name} has no line in the cube's band: rest frame "
+                             f"{lo:.1f}-{hi:.1f} MHz (v_lsr {v_lsr:g} km/s, "
+                             f"+-{span * lte.C_KMS:.0f} km/s)")  # fmt: skip
     fit_kwargs = dict(method=cfg.method, loss=cfg.loss, n_init=cfg.n_init, bounds=bounds,
                       fix=fix, v_lsr_kms=v_lsr, dish_m=cfg.dish_m or None,
                       policy=cfg.policy or None)  # fmt: skip
@@ -756,9 +918,8 @@ def main(cfg: Config) -> dict:
         diff = sorted(k for k in run_key if old.get(k) != run_key[k])
         if diff:
             raise ValueError(f"--resume: {out} holds a run with other {diff}; use another --out")
-    elif not cfg.resume:
-        for path in [*chunks.glob("*.npz"), *out.glob("metrics.csv")]:
-            path.unlink()
+    elif cfg.overwrite:
+        clear_out(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run_key, indent=1))
     done = load_chunks(chunks)
@@ -776,7 +937,7 @@ def main(cfg: Config) -> dict:
     log(f"pixels={int(selected.sum())} done_before={int(is_done.sum())} todo={len(todo)} "
         f"runner={kind} workers={workers} mol={cfg.mol} method={cfg.method}")  # fmt: skip
     # --- loop ---
-    buffer, n_done, n_fail, t_log, complete = [], 0, 0, time.time(), False
+    buffer, n_done, n_fail, t_log, complete, first_failure = [], 0, 0, time.time(), False, ""
     t_fit = time.time()
     try:
         for results in RUNNERS[kind](S, batches, cfg):
@@ -784,7 +945,8 @@ def main(cfg: Config) -> dict:
             n_done += len(results)
             for r in results:
                 if r["code"] == 5 and not n_fail:
-                    log(f"first failure: {r['reason']}")
+                    first_failure = r["reason"]
+                    log(f"first failure: {first_failure}")
                 n_fail += int(r["code"] == 5)
             if len(buffer) >= cfg.flush_every:
                 flush_chunk(chunks, buffer)
@@ -813,49 +975,111 @@ def main(cfg: Config) -> dict:
                                shape=list(cube["shape"]), unit=cube["unit"],
                                specsys=cube["specsys"], restfrq_Hz=cube["restfrq_Hz"],
                                freq_MHz=[float(cube["freq_MHz"][0]), float(cube["freq_MHz"][-1])],
-                               beam_arcsec=beam, v_lsr_kms=v_lsr, v_lsr_from=v_from),
+                               beam_arcsec=beam, v_lsr_kms=v_lsr, v_lsr_from=v_from,
+                               descending=cube["descending"]),
                     catalogue=catalogue,
                     timing=dict(wall_s=wall, total_s=time.time() - t_start, workers=workers,
                                 pixels_this_run=n_done, pixels_per_s=n_done / max(wall, 1e-9),
                                 core_s_per_pixel=wall * workers / max(n_done, 1)))  # fmt: skip
         summary = write_outputs(out, S, cube, cfg, info, complete)
         print(summary["summary_line"] + f" wall={wall:.1f}s out={out}", flush=True)
+    summary["first_failure"] = first_failure
     return summary
 
 
+def field_helps(cls) -> dict:
+    """{field: help} from a dataclass's trailing comments, with their continuation lines."""
+    helps, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field_line = re.match(r"    (\w+):[^#]*#\s*(.*)$", line)
+        more = re.match(r"\s*#\s*(.*)$", line)
+        if field_line:
+            last, helps[field_line[1]] = field_line[1], field_line[2]
+        elif more and last:
+            helps[last] += " " + more[1]
+        else:
+            last = None
+    return helps
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Config from the command line: one option per field, help from its comment."""
-    helps = dict(re.findall(r"^    (\w+):[^#]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cube", help=helps["cube"])
+    """Config from the command line: one option per field, help and default from its comment."""
+    helps = field_helps(Config)
+    parser = argparse.ArgumentParser(
+        prog="fit_cube.py", description=__doc__.split("\n\n")[0],
+        usage="%(prog)s CUBE --mol M [M ...] [options]\n"
+              "       %(prog)s make_demo OUT [N_PIX N_CHAN]",
+        epilog=__doc__.split("\n\n", 2)[2].replace("%", "%%"),
+        formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)  # fmt: skip
+    required = parser.add_argument_group("required")
+    required.add_argument("cube", help=helps["cube"])
+    options = parser.add_argument_group("options")
+    options.add_argument("-h", "--help", action="help", help="show this help and exit")
     for f in dataclasses.fields(Config)[1:]:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if isinstance(default, list):
-            kind = dict(nargs="+", action="extend")
+            kind = dict(nargs="+", action="extend", metavar=f.name.upper())
         elif isinstance(default, bool):
             kind = dict(action="store_true")
         else:
             kind = dict(type=type(default))
-        parser.add_argument(f"--{f.name}", default=default, help=helps[f.name], **kind)
+        shown = "none" if default == [] else repr(default) if default == "" else default
+        text = f"{helps[f.name]} (default: {shown})"
+        text = f"required: {helps[f.name]}" if f.name == "mol" else text
+        group = required if f.name == "mol" else options
+        group.add_argument(f"--{f.name}", default=default, help=text.replace("%", "%%"), **kind)
     return Config(**vars(parser.parse_args(argv)))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler stopping the job), raised where Ctrl-C would be: the same
+    flush of the finished pixels runs."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the flush must not be interrupted
+    raise Terminated
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """`python fit_cube.py CUBE --mol M ...`, or `... make_demo OUT [N_PIX N_CHAN]`."""
+    """`python fit_cube.py CUBE --mol M ...`, or `... make_demo OUT [N_PIX N_CHAN]`.
+
+    Exit codes: 0 done; 1 nothing was fitted (the line says why); 2 bad input (`error: ...`);
+    130 Ctrl-C and 143 SIGTERM (the finished pixels are saved; continue with --resume).
+    """
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["make_demo"]:
+        demo = argparse.ArgumentParser(prog="fit_cube.py make_demo",
+                                       description=make_demo.__doc__.split("\n\n")[0])  # fmt: skip
+        demo.add_argument("out", help="FITS file to write (replaced if it exists)")
+        demo.add_argument("n_pix", nargs="?", type=int, default=8, help="pixels per side (8)")
+        demo.add_argument("n_chan", nargs="?", type=int, default=440, help="channels (440)")
+        args = demo.parse_args(argv[1:])
+        try:
+            truth = make_demo(args.out, args.n_pix, args.n_chan)
+        except (ValueError, OSError) as err:
+            print(f"error: make_demo {args.out}: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote={args.out} n_pix={truth['eta'].shape[0]}")
+        return 0
+    cfg = parse_config(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if argv[:1] == ["make_demo"]:
-            sizes = [int(a) for a in argv[2:4]]
-            truth = make_demo(argv[1], *sizes)
-            print(f"wrote={argv[1]} n_pix={truth['eta'].shape[0]}")
-        else:
-            main(parse_config(argv))
+        summary = main(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the finished pixels are saved; continue with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"{what}: the finished pixels are saved; continue with --resume", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    n = summary["counts"]
+    if n["fitted"] + n["unconverged"] == 0:
+        why = f"; first failure: {summary['first_failure']}" if summary["first_failure"] else ""
+        print(f"error: no pixel was fitted ({summary['summary_line']}){why}", file=sys.stderr)
+        return 1
     return 0
 
 

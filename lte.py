@@ -764,9 +764,12 @@ def _is_splatalogue(db_path) -> bool:
 
 
 def _unknown(name, known, where) -> str:
-    """The message for an unknown molecule name, with the closest known names."""
-    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=5, cutoff=0.4)
-    return f"unknown molecule '{name}' in {where}; closest names: {close or sorted(known)[:10]}"
+    """The message for an unknown molecule name, with the closest known names (not the numeric
+    catalogue tags, unless a tag was asked for)."""
+    known = sorted({str(k) for k in known})
+    names = known if str(name).strip().isdigit() else [k for k in known if not k.isdigit()]
+    close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.4)
+    return f"unknown molecule '{name}' in {where}; closest names: {close or names[:10]}"
 
 
 def _tables_in(*folders: Path) -> dict:
@@ -831,6 +834,15 @@ def _from_folder(name: str, folder: Path) -> Molecule:
     return molecule_from_cat(path, T, q, name=name)
 
 
+def _looks_like_path(name: str) -> bool:
+    """A catalogue file name, or a path in an existing folder (names such as 'SO2, v2=0/1'
+    hold a slash too)."""
+    folder = Path(name).parent
+    return bool(re.search(r"\.(cat|gz|db|sqlite3?)$", name)) or (
+        folder.name != "" and folder.is_dir()
+    )
+
+
 def load_molecule(name_or_path, catalog=None, freq_range_MHz=None) -> Molecule:
     """Load a molecule's transitions and partition function (METHOD §1).
 
@@ -851,6 +863,8 @@ def load_molecule(name_or_path, catalog=None, freq_range_MHz=None) -> Molecule:
     name = str(name_or_path)
     if catalog is None and Path(name).is_file():
         catalog, name = Path(name), None
+    elif catalog is None and _looks_like_path(name):
+        raise FileNotFoundError(f"catalogue file {name} not found")
     if catalog is not None:
         catalog = Path(catalog)
         if not catalog.exists():

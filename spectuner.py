@@ -5,8 +5,8 @@ Implements METHOD.md §3 (unit cube over the parameter box), §4 (chi2 and peak-
 by the same local optimisers, ours) and the 1-sigma errors of issue 3, for Qiu et al.,
 arXiv:2511.21027 (Spectuner-D1) and Spectuner (ApJS 277, 21).
 
-    python spectuner.py fit ../shared/data/spectra/iras16293b/*.dat --mol CH3OH --v_lsr 2.7 \
-        --beam_arcsec 0.486 --T_bg_K 5 --loss pm --json fit.json --plot fit.png
+    python spectuner.py fit data/demo_spectrum.txt --mol CH3OH --v_lsr 5 --json fit.json \
+        --plot fit.png
     python spectuner.py model --mol CH3OH --freq_MHz 241700:241900:4000 --fix eta=0.5 \
         --fix T_ex=150 --fix N_tot=1e17 --fix delta_v=2 --fix v_off=0 --out model.txt
 """
@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import re
 import sys
 import time
@@ -427,42 +428,150 @@ def model_windows(
 # --- command line ---
 
 
+GAP_CHANNELS = 3.0  # a step this many local channel widths long starts a new window
+WIDTH_CHANGE = 1.25  # so does a change of channel width by more than this factor
+
+
 def read_spec(
     path: str, rms_K: float | None = None, T_bg_K: float = 0.0, beam_arcsec: float | None = None
 ) -> Window:
-    """A SPEC file (two columns: frequency MHz, brightness K) as a Window.
+    """A SPEC file of one window (two columns: frequency MHz, brightness K) as a Window.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not two numeric columns, or frequencies not strictly monotonic.
+        ValueError: those of read_spec_windows, or a file of several windows (read it with
+            read_spec_windows).
+    """
+    windows, why = read_spec_windows(path, rms_K, T_bg_K, beam_arcsec)
+    if len(windows) > 1:
+        raise ValueError(f"SPEC file {path} holds {len(windows)} windows ({why}): read it with "
+                         "read_spec_windows")  # fmt: skip
+    return windows[0]
+
+
+def read_spec_windows(
+    path: str, rms_K: float | None = None, T_bg_K: float = 0.0, beam_arcsec: float | None = None
+) -> tuple[list[Window], str]:
+    """A SPEC file (two columns: frequency MHz, brightness K; # comments) as its windows.
+
+    Several spectral windows exported into one file are split where the frequency jumps by
+    more than GAP_CHANNELS channel widths, or where the channel width changes by more than a
+    factor WIDTH_CHANGE (split_windows); each window gets its own noise estimate unless rms_K
+    is given.
+
+    Returns:
+        (windows, why): why says where and why the file was split ("" for one window).
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line that is not two finite numbers (the message gives the line number),
+            fewer than 3 rows, or frequencies not strictly monotonic.
     """
     try:
-        data = np.loadtxt(path, ndmin=2)
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise FileNotFoundError(f"SPEC file {path} not found") from None
-    except ValueError as err:
-        raise ValueError(
-            f"SPEC file {path}: expected two numeric columns (MHz, K): {err}"
-        ) from None
-    if data.shape[1] < 2 or data.shape[0] < 3 or not np.isfinite(data[:, :2]).all():
-        raise ValueError(
-            f"SPEC file {path}: expected >= 3 rows of two finite columns (MHz, K), "
-            f"got shape {data.shape}"
-        )
-    step = np.diff(data[:, 0])
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"SPEC file {path} cannot be read as text ({err})") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) < 2:
+            raise ValueError(f"SPEC file {path} line {n}: expected two finite columns (MHz, K), "
+                             f"got {line.strip()!r}")  # fmt: skip
+        try:
+            row = (float(words[0]), float(words[1]))
+        except ValueError:
+            raise ValueError(f"SPEC file {path} line {n}: expected two numeric columns (MHz, K), "
+                             f"got {line.strip()!r}") from None  # fmt: skip
+        if not all(map(math.isfinite, row)):
+            raise ValueError(f"SPEC file {path} line {n}: {line.strip()!r} is not finite; "
+                             "expected two finite columns (MHz, K): drop or fill blanked "
+                             "channels")  # fmt: skip
+        rows.append(row)
+    if len(rows) < 3:
+        raise ValueError(f"SPEC file {path}: expected >= 3 rows of two finite columns (MHz, K), "
+                         f"got {len(rows)}")  # fmt: skip
+    freq, T = np.array(rows).T
+    step = np.diff(freq)
     if not ((step > 0).all() or (step < 0).all()):
         raise ValueError(f"SPEC file {path}: frequencies must be strictly increasing or decreasing")
-    rms = estimate_rms(data[:, 1]) if rms_K is None else rms_K
-    return Window(data[:, 0], data[:, 1], rms, T_bg_K, beam_arcsec)
+    bounds, why = split_windows(freq)
+    if any(b - a < 3 for a, b in bounds):
+        raise ValueError(f"SPEC file {path}: a window of fewer than 3 channels ({why})")
+    windows = [Window(freq[a:b], T[a:b], estimate_rms(T[a:b]) if rms_K is None else rms_K,
+                      T_bg_K, beam_arcsec) for a, b in bounds]  # fmt: skip
+    return windows, why
+
+
+def split_windows(freq_MHz: np.ndarray) -> tuple[list[tuple[int, int]], str]:
+    """(start, stop) channels of the windows of a monotonic frequency grid, and why it was split.
+
+    The local channel width is the running median of 5 steps; a new window starts after a step
+    longer than GAP_CHANNELS local widths (a gap) and where the local width changes by more
+    than a factor WIDTH_CHANGE (ours). Rounded frequencies (steps of 0.12 and 0.13 MHz) and
+    grids uniform in velocity stay one window.
+    """
+    from scipy.ndimage import median_filter
+
+    width = np.abs(np.diff(freq_MHz))
+    local = median_filter(width, size=5, mode="nearest")
+    gaps = set(np.flatnonzero(width > GAP_CHANNELS * local))
+    ratio = local[1:] / local[:-1]
+    changes = set()
+    for i in 1 + np.flatnonzero((ratio > WIDTH_CHANGE) | (ratio < 1 / WIDTH_CHANGE)):
+        # the junction is the step (i - 1 or i) least like the widths on either side
+        unlike = [min(abs(np.log(width[k] / local[i - 1])), abs(np.log(width[k] / local[i])))
+                  for k in (i - 1, i)]  # fmt: skip
+        changes.add(i - 1 if unlike[0] >= unlike[1] else i)
+    changes = {i for i in changes if not gaps & {i - 1, i, i + 1}}  # a gap there already splits
+    cuts = sorted(gaps | changes)
+    edges = [0, *(i + 1 for i in cuts), freq_MHz.size]
+    after = lambda i: local[min(i + 1, local.size - 1)]  # noqa: E731
+    notes = [f"gap of {width[i]:.4g} MHz" if i in gaps else
+             f"channel width {local[i - 1]:.4g} -> {after(i):.4g} MHz" for i in cuts]  # fmt: skip
+    notes = [f"{note} after {freq_MHz[i]:.4f} MHz" for note, i in zip(notes, cuts)]
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])], "; ".join(notes)
 
 
 def estimate_rms(T_K: np.ndarray, n_sigma: float = 3.0, n_iter: int = 20) -> float:
-    """Noise of a line-rich spectrum: sigma-clipped MAD of the second differences / sqrt(6).
+    """Noise of a spectrum from its line-free channels (ours).
 
-    Second differences cancel lines wider than a few channels, so a line forest does not
-    inflate the estimate (ours; on the IRAS 16293-2422 B windows it is within 20 % of the
-    archive rms, where a clipped MAD of T itself is 3-5 times too high).
+    Lines are the channels further than n_sigma x sigma from the median of the line-free ones,
+    each run of them widened by half its length (at least 2 channels) on either side for the
+    wings below the threshold; sigma is the standard deviation of the other channels divided by
+    that of a unit normal cut at +-c = n_sigma, sqrt(1 - 2 c phi(c) / erf(c / sqrt 2)) (0.9866
+    at c = 3; the truncated normal), iterated until the mask settles. The
+    start, and the answer when under 20 % of the channels are line-free (a line forest), is the
+    sigma-clipped MAD of the second differences / sqrt(6), which lines wider than a few channels
+    do not inflate (on the IRAS 16293-2422 B windows it is within 20 % of the archive rms).
+    Both assume uncorrelated channels; the first also a flat baseline (continuum subtracted or
+    constant).
     """
+    T_K = np.asarray(T_K, dtype=float)
+    c = n_sigma
+    cut = np.sqrt(1 - 2 * c * np.exp(-c * c / 2) / np.sqrt(2 * np.pi) / math.erf(c / np.sqrt(2)))
+    sigma = sigma_d2 = _rms_second_differences(T_K, n_sigma, n_iter)
+    free = np.ones(T_K.size, bool)
+    for _ in range(n_iter):
+        line = np.abs(T_K - np.median(T_K[free])) > n_sigma * sigma
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], line.astype(np.int8), [0]])))
+        new = np.ones(T_K.size, bool)
+        for a, b in zip(edges[::2], edges[1::2]):
+            grow = max(2, -(-(b - a) // 2))
+            new[max(0, a - grow) : b + grow] = False
+        if new.sum() < max(16, 0.2 * T_K.size):
+            return sigma_d2
+        sigma = float(np.std(T_K[new]) / cut)
+        if (new == free).all():
+            break
+        free = new
+    return sigma
+
+
+def _rms_second_differences(T_K: np.ndarray, n_sigma: float, n_iter: int) -> float:
+    """Sigma-clipped MAD of the second differences of T_K / sqrt(6)."""
     d2 = T_K[:-2] - 2 * T_K[1:-1] + T_K[2:]
     keep = np.ones(d2.size, bool)
     for _ in range(n_iter):
@@ -520,22 +629,50 @@ def plot_fit(path: str, windows: list[Window], models: list[np.ndarray], title: 
     fig.savefig(path, dpi=100)
 
 
+def field_helps(cls) -> dict:
+    """{field: help} from a dataclass's trailing comments, with their continuation lines."""
+    helps, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field_line = re.match(r"    (\w+):[^#]*#\s*(.*)$", line)
+        more = re.match(r"\s*#\s*(.*)$", line)
+        if field_line:
+            last, helps[field_line[1]] = field_line[1], field_line[2]
+        elif more and last:
+            helps[last] += " " + more[1]
+        else:
+            last = None
+    return helps
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Config from the command line: one option per field, help from its comment."""
-    helps = dict(re.findall(r"^    (\w+):[^#]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("fit", "model"), help=helps["command"])
-    parser.add_argument("spec", nargs="*", help=helps["spec"])
+    """Config from the command line: one option per field, help and default from its comment."""
+    helps = field_helps(Config)
+    parser = argparse.ArgumentParser(
+        prog="spectuner.py", add_help=False, description=__doc__.split("\n\n")[0]
+        + "\n\nPut the SPEC files before the options: an option that takes several values\n"
+        "(--mol, --rms, --bounds, --fix) takes every word after it.",
+        usage="%(prog)s fit SPEC [SPEC ...] --mol M [M ...] [options]\n"
+              "       %(prog)s model [SPEC ...] --mol M --fix NAME=VALUE ... [options]",
+        epilog="examples:\n" + __doc__.split("\n\n", 2)[2].replace("%", "%%"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    required = parser.add_argument_group("required (SPEC files before the options)")
+    required.add_argument("command", choices=("fit", "model"), help=helps["command"])
+    required.add_argument("spec", nargs="*", metavar="SPEC", help=helps["spec"])
+    options = parser.add_argument_group("options")
+    options.add_argument("-h", "--help", action="help", help="show this help and exit")
     for f in dataclasses.fields(Config)[2:]:
         if f.type.startswith("list"):
-            kind = float if "float" in f.type else str
-            parser.add_argument(
-                f"--{f.name}", nargs="+", action="extend", type=kind, default=[], help=helps[f.name]
-            )
+            kind = dict(nargs="+", action="extend", type=float if "float" in f.type else str,
+                        default=[], metavar=f.name.upper())  # fmt: skip
         else:
-            parser.add_argument(
-                f"--{f.name}", type=type(f.default), default=f.default, help=helps[f.name]
-            )
+            kind = dict(type=type(f.default), default=f.default)
+        shown = (
+            "none" if kind["default"] == [] else repr(f.default) if f.default == "" else f.default
+        )
+        text = f"{helps[f.name]} (default: {shown})"
+        text = f"required: {helps[f.name]}" if f.name == "mol" else text
+        group = required if f.name == "mol" else options
+        group.add_argument(f"--{f.name}", help=text.replace("%", "%%"), **kind)
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -551,9 +688,18 @@ def main(cfg: Config) -> dict:
             f"--rms has {len(cfg.rms)} values for {len(cfg.spec)} SPEC files; "
             "expected one per file (or one for all)"
         )
+    if cfg.n_init < 1:
+        raise ValueError(f"--n_init {cfg.n_init}: expected a number of starts >= 1")
     rms = (cfg.rms * len(cfg.spec) if len(cfg.rms) == 1 else cfg.rms) or [None] * len(cfg.spec)
     beam = cfg.beam_arcsec or None
-    windows = [read_spec(p, r, cfg.T_bg_K, beam) for p, r in zip(cfg.spec, rms)]
+    windows = []
+    for path, rms_K in zip(cfg.spec, rms):
+        found, why = read_spec_windows(path, rms_K, cfg.T_bg_K, beam)
+        if why:
+            print(f"note: SPEC file {path} split into {len(found)} windows: {why}", file=sys.stderr)
+        windows += found
+    if len(windows) > len(cfg.spec):
+        print(f"windows={len(windows)} from {len(cfg.spec)} SPEC files", file=sys.stderr)
     if cfg.command == "model" and not windows:
         try:
             lo, hi, n = (float(v) for v in cfg.freq_MHz.split(":"))

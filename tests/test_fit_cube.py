@@ -97,7 +97,7 @@ def test_real_cubes_read_and_convert(shared_data):
     assert hcn["data"].shape == (352, 37, 47) and hcn["unit"] == "K"
     assert np.all(hcn["K_per_unit"] == 1.0) and hcn["specsys"] == "LSRK"
     step = np.diff(hcn["freq_MHz"])
-    assert (step < 0).all()  # VRAD increasing -> frequency decreasing
+    assert (step > 0).all() and hcn["descending"]  # VRAD increasing -> frequency decreasing
     assert abs(np.median(hcn["freq_MHz"]) - 88631.8) < 10  # HCN 1-0 around its rest frequency
     assert np.isfinite(hcn["data"]).mean() > 0.5 and np.nanmax(hcn["data"]) > 0.5
     ccs = fit_cube.read_cube(str(shared_data / "fits" / "CCS.fits"))
@@ -398,3 +398,242 @@ def test_auto_method_without_policy_falls_back_to_random(tiny, tmp_path):
     cfg = config(tiny, tmp_path, policy=str(tmp_path / "no.pt"), region="0:1,0:1")
     summary = fit_cube.main(cfg)
     assert summary["config"]["method"] == "random+slsqp"
+
+
+# --- runs that survive schedulers, exit codes, one-line errors (issue 14) ---
+
+
+def descendants(pid):
+    """Pids of every live (not zombie) process below pid, read from /proc (Linux)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parent[int(stat.parent.name)] = int(fields[1])
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parent.items() if pp == p}
+        todo += list(kids - found)
+        found |= kids
+    return found
+
+
+def alive(pids):
+    """The pids that still exist and are not zombies."""
+    out = set()
+    for p in pids:
+        try:
+            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.add(p)
+        except OSError:
+            pass
+    return out
+
+
+def start_demo_fit(out, *extra):
+    """A demo fit with two workers in a subprocess, and the pids below it once the pool is up."""
+    import subprocess
+    import time
+
+    args = [
+        sys.executable,
+        "fit_cube.py",
+        "data/demo_cube.fits",
+        "--mol",
+        "CH3OH",
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--method",
+        "random+slsqp",
+        "--flush_every",
+        "2",
+        *extra,
+    ]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0, kids = time.time(), set()
+    while time.time() - t0 < 120 and not list((out / "chunks").glob("chunk_*.npz")):
+        kids |= descendants(proc.pid)
+        time.sleep(0.2)
+    kids |= descendants(proc.pid)
+    assert proc.poll() is None and len(kids) >= 2, (proc.poll(), kids)
+    return proc, kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_sigterm_flushes_like_ctrl_c_and_leaves_no_process(tmp_path):
+    import signal
+    import time
+
+    proc, kids = start_demo_fit(tmp_path / "fit")
+    proc.send_signal(signal.SIGTERM)  # as a batch scheduler stops a job
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and b"--resume" in err, err
+    summary = json.loads((tmp_path / "fit" / "summary.json").read_text())
+    assert not summary["complete"] and summary["counts"]["fitted"] > 0
+    t0 = time.time()
+    while alive(kids) and time.time() - t0 < 10:
+        time.sleep(0.2)
+    assert not alive(kids)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    import signal
+    import time
+
+    proc, kids = start_demo_fit(tmp_path / "fit")
+    proc.send_signal(signal.SIGKILL)  # as an out-of-memory kill: no handler runs
+    proc.wait(timeout=30)
+    t0 = time.time()
+    while alive(kids) and time.time() - t0 < 10:
+        time.sleep(0.2)
+    assert not alive(kids), "workers or the resource tracker outlived their parent"
+
+
+def test_out_of_an_earlier_run_needs_resume_or_overwrite(tiny, tmp_path, capsys):
+    args = [tiny, "--mol", "CH3OH", "--out", str(tmp_path), "--loss", "chi2", "--n_init", "10",
+            "--workers", "1", "--quiet", "--region", "0:1,0:1"]  # fmt: skip
+    assert fit_cube.cli(args) == 0
+    first = sorted((tmp_path / "chunks").glob("*.npz"))
+    capsys.readouterr()
+    assert fit_cube.cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path) in err and err.count("\n") == 1
+    assert "--resume" in err and "--overwrite" in err
+    assert sorted((tmp_path / "chunks").glob("*.npz")) == first  # nothing deleted
+    (tmp_path / "old_M_eta.fits").write_bytes((tmp_path / "CH3OH_eta.fits").read_bytes())
+    (tmp_path / "notes.txt").write_text("mine")
+    assert fit_cube.cli(args + ["--overwrite"]) == 0
+    assert not (tmp_path / "old_M_eta.fits").exists() and (tmp_path / "notes.txt").exists()
+    assert fit_cube.cli(args + ["--overwrite", "--resume"]) == 2
+
+
+def test_bad_input_stops_before_the_first_pixel_with_one_line(tiny, tmp_path, capsys):
+    nan_cube = tmp_path / "nan.fits"
+    write(nan_cube, np.full((300, 3, 3), np.nan), header_3d(300, 3, 3))
+    truncated = tmp_path / "cut.fits"
+    truncated.write_bytes(Path(tiny).read_bytes()[: Path(tiny).stat().st_size // 2])
+    text = tmp_path / "text.fits"
+    text.write_text("not a FITS file\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    base = ["--mol", "CH3OH", "--quiet", "--workers", "1"]
+    cases = [
+        ([tiny, "--mol", "SiO"], "SiO has no line"),
+        ([tiny, "--rms", "0"], "--rms"),
+        ([tiny, "--rms", "-1"], "--rms"),
+        ([tiny, "--workers", "-3"], "--workers"),
+        ([tiny, "--region", "0:100,0:2"], "beyond"),
+        ([tiny, "--n_init", "0"], "--n_init"),
+        ([tiny, "--n_init", "-4"], "--n_init"),
+        ([str(nan_cube)], "no finite value"),
+        ([str(truncated)], str(truncated)),
+        ([str(text)], str(text)),
+        ([tiny, "--out", str(a_file)], "is a file"),
+        ([tiny, "--out", str(a_file / "sub")], "is a file"),
+        ([tiny, "--mol", str(tmp_path / "none.cat")], "not found"),
+    ]
+    for args, message in cases:
+        out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+        assert fit_cube.cli(args[:1] + base + out + args[1:]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out" / "chunks").exists(), args  # stopped before any pixel
+
+
+def test_workers_are_checked_and_capped():
+    assert fit_cube.resolve_workers(0, 2) == (2, "")
+    assert fit_cube.resolve_workers(3, 2) == (3, "")
+    n, note = fit_cube.resolve_workers(500, 2)
+    assert n == 8 and "500" in note and "8" in note
+    with pytest.raises(ValueError, match="--workers -3"):
+        fit_cube.resolve_workers(-3, 2)
+
+
+def test_a_run_that_fits_nothing_exits_1_and_says_why(tiny, tmp_path, capsys, monkeypatch):
+    args = [tiny, "--mol", "CH3OH", "--loss", "chi2", "--n_init", "5", "--workers", "1"]
+    assert fit_cube.cli(args + ["--region", "2:3,0:1", "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert "no pixel was fitted" in err and "few_peaks=1" in err
+
+    def broken(*a, **kw):
+        raise ValueError("the model is broken")
+
+    monkeypatch.setattr(spectuner, "fit_spectrum", broken)
+    assert fit_cube.cli(args + ["--region", "0:2,0:1", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "no pixel was fitted" in err and "the model is broken" in err
+
+
+def test_descending_spectral_axis_gives_the_same_fit(tmp_path):
+    demo = ROOT / "data" / "demo_cube.fits"
+    with fits.open(demo) as hdul:
+        data, head = hdul[0].data[:, ::-1], hdul[0].header.copy()
+        n = data.shape[1]
+        head["CRVAL3"] += (n - 1) * head["CDELT3"]
+        head["CDELT3"] = -head["CDELT3"]
+        write(tmp_path / "flip.fits", data, head)
+    cube = fit_cube.read_cube(str(tmp_path / "flip.fits"))
+    assert (np.diff(cube["freq_MHz"]) > 0).all()
+    assert np.array_equal(cube["data"], fit_cube.read_cube(str(demo))["data"], equal_nan=True)
+    kw = dict(mol=["CH3OH"], method="random+slsqp", loss="chi2", n_init=20, workers=1, quiet=True,
+              region="0:8,3:4")  # fmt: skip
+    fit_cube.main(fit_cube.Config(cube=str(demo), out=str(tmp_path / "a"), **kw))
+    fit_cube.main(fit_cube.Config(cube=str(tmp_path / "flip.fits"), out=str(tmp_path / "b"), **kw))
+    a, b = read_maps(tmp_path / "a"), read_maps(tmp_path / "b")
+    model_a, model_b = a.pop("model_cube.fits"), b.pop("model_cube.fits")
+    assert_same_maps(a, b)
+    assert np.array_equal(model_a, model_b[:, ::-1], equal_nan=True)  # in the file's order
+    assert fits.getheader(tmp_path / "b" / "model_cube.fits")["CDELT3"] < 0
+
+
+def test_noise_estimate_of_the_demo_is_unbiased():
+    cube = fit_cube.read_cube(str(ROOT / "data" / "demo_cube.fits"))
+    S = dict(rms=None)
+    pixels = [(y, x) for y in range(8) for x in range(8) if (y, x) != (7, 0)]  # (7, 0) blank
+    est = np.array([fit_cube.pixel_rms(S, y, x, cube["data"][:, y, x].astype(float))
+                    for y, x in pixels])  # fmt: skip
+    peak = np.array([np.nanmax(cube["data"][:, y, x]) for y, x in pixels])
+    assert np.median(est) == pytest.approx(1e-3, rel=0.03)  # injected: 1 mJy/beam
+    bright = est[np.argsort(peak)[-16:]]  # lines of 40-250 sigma: the old estimate was 1.1-1.5
+    assert np.median(bright) == pytest.approx(1e-3, rel=0.05)
+    assert est.max() < 1.2e-3  # single pixels: 430 channels, ~5 % scatter
+
+
+def test_help_shows_every_method_defaults_and_required(capsys):
+    with pytest.raises(SystemExit) as stop:
+        fit_cube.parse_config(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(m in text for m in spectuner.METHODS)
+    assert "default: 50" in text and "required" in text
+
+
+def test_make_demo_help_prints_help_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        fit_cube.cli(["make_demo", "--help"])
+    assert stop.value.code == 0 and "make_demo" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_quicklook_has_labels_units_and_status_names():
+    pytest.importorskip("matplotlib")
+    maps = fit_cube.assemble({k: np.zeros((0,)) for k in fit_cube.REC_KEYS}, np.ones((3, 3), bool),
+                             5)  # fmt: skip
+    maps["values"][:] = 1.0
+    fig = fit_cube.quicklook_figure(maps, ["CH3OH"], "Jy/beam")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("log10 N_tot [cm-2]" in t for t in titles)
+    assert any("rms [Jy/beam]" in t for t in titles)
+    assert all(ax.get_xlabel() for ax in fig.axes if ax.get_title())
+    ticks = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+    assert {"fitted", "failed", "few_peaks", "pending"} <= set(ticks)
+    words = " ".join(t.get_text() for t in fig.texts) + " ".join(titles)
+    assert "degenerate" in words

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -536,3 +537,84 @@ def test_policy_samples_outside_narrow_bounds_are_redrawn_inside(ch3oh, tiny_pol
     faces = np.isclose(starts, 0) | np.isclose(starts, 1)
     assert not faces[:, 3:].all(axis=0).any()  # not piled on a face of the narrow box
     assert np.unique(np.round(starts[:, 4], 6)).size > 20
+
+
+# --- input handled badly before (issue 14) ---
+
+
+def write_spec(path, freq, T, head="# freq_MHz T_K\n"):
+    """A two-column SPEC file."""
+    path.write_text(head + "".join(f"{f:.6f} {t:.6f}\n" for f, t in zip(freq, T)))
+    return path
+
+
+def test_spec_file_of_several_windows_is_split_at_gaps_and_width_changes(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    freq = np.concatenate([241700 + 0.5 * np.arange(300), 242500 + 0.5 * np.arange(200),
+                           242600.75 + 1.0 * np.arange(150)])  # fmt: skip
+    T = rng.normal(0, 0.1, freq.size)
+    path = write_spec(tmp_path / "three.txt", freq, T)
+    windows, why = st.read_spec_windows(path)
+    assert "gap of 650.5 MHz" in why and "channel width 0.5 -> 1 MHz" in why
+    assert [w.freq_MHz.size for w in windows] == [300, 200, 150]
+    assert windows[2].freq_MHz[0] == 242600.75 and windows[1].freq_MHz[-1] == 242599.5
+    assert all(w.rms_K == pytest.approx(0.1, rel=0.15) for w in windows)  # one per window
+    with pytest.raises(ValueError, match="3 windows"):
+        st.read_spec(path)
+    jitter = 241700 + np.round(0.122 * np.arange(400), 2)  # 2 decimals: steps 0.12 or 0.13
+    assert len(st.read_spec_windows(write_spec(tmp_path / "j.txt", jitter, T[:400]))[0]) == 1
+    down = write_spec(tmp_path / "down.txt", freq[::-1], T[::-1])
+    assert [w.freq_MHz.size for w in st.read_spec_windows(down)[0]] == [150, 200, 300]
+    fix = [f"{name}={value}" for name, value in zip(st.PARAM_NAMES, CASES["thick"])]
+    model = ["model", str(path), "--mol", "CH3OH", "--out", str(tmp_path / "m.txt"), "--fix"]
+    assert st.cli(model + fix) == 0
+    assert "split into 3 windows" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("m_*.txt")) == ["m_0.txt", "m_1.txt", "m_2.txt"]
+    assert st.cli(["fit", str(path), "--mol", "CH3OH", "--n_init", "0"]) == 2
+    assert "--n_init 0" in capsys.readouterr().err
+
+
+def test_spec_file_with_a_nan_row_names_the_file_and_line(tmp_path, capsys):
+    freq = 241700 + 0.5 * np.arange(50)
+    path = write_spec(tmp_path / "nan.txt", freq, np.zeros(50))
+    lines = path.read_text().splitlines()
+    lines[7] = "241703.000000 nan"  # the file's 8th line (a header line first)
+    path.write_text("\n".join(lines) + "\n")
+    assert st.cli(["fit", str(path), "--mol", "CH3OH"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "line 8" in err and err.count("\n") == 1, err
+
+
+def test_unknown_molecule_and_missing_catalogue_file(tmp_path):
+    with pytest.raises(ValueError, match="unknown molecule") as err:
+        lte.load_molecule("XYZ")
+    assert "CH3OH" in str(err.value) and "017506" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        lte.load_molecule(str(tmp_path / "c999999.cat"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        lte.load_molecule("c999999.cat")
+
+
+def test_estimate_rms_of_narrow_bright_lines_is_unbiased():
+    x = np.arange(3000.0)
+    T = np.random.default_rng(0).normal(0, 0.1, x.size)
+    T += sum(gauss(x, c, 4.0, 1.4) for c in range(40, 3000, 70))  # FWHM 3.3 channels, 40 rms
+    assert st.estimate_rms(T) == pytest.approx(0.1, rel=0.05)
+
+
+def test_help_lists_methods_defaults_and_where_spec_files_go(capsys):
+    with pytest.raises(SystemExit) as stop:
+        st.parse_config(["fit", "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(m in text for m in st.METHODS) and "default: 50" in text
+    assert "SPEC files before the options" in text and "required" in text
+
+
+def test_readme_spectrum_example_runs_from_a_clone():
+    root = Path(st.__file__).resolve().parent
+    text = (root / "README.md").read_text()
+    commands = [line for line in text.splitlines() if line.startswith("python ")]
+    assert commands and not [c for c in commands if "../shared" in c]
+    assert (root / "data" / "demo_spectrum.txt").is_file()
+    assert "python spectuner.py fit data/demo_spectrum.txt" in text
