@@ -8,6 +8,7 @@ from functools import partial
 import numpy as np
 import pytest
 
+import catalogs
 import lte
 
 C_KMS = lte.C_KMS
@@ -238,10 +239,10 @@ def test_letter_coded_gup_and_bad_line(tmp_path):
     line = "  230000.0000  0.0010 -3.0000 3   10.0000A23 -99501 101 1           0\n"
     cat = tmp_path / "c099501.cat"
     cat.write_text(line)
-    assert lte.read_cat(cat)["g_u"][0] == 1023
+    assert catalogs.read_cat(cat)["g_u"][0] == 1023
     (tmp_path / "bad.cat").write_text(line + "garbage line that is not a catalogue row\n")
     with pytest.raises(ValueError, match=r"bad\.cat:2"):
-        lte.read_cat(tmp_path / "bad.cat")
+        catalogs.read_cat(tmp_path / "bad.cat")
 
 
 def test_unknown_name_lists_closest():
@@ -274,27 +275,27 @@ def local_server(tmp_path):
 
 def test_fetch_downloads_and_name_resolves(local_server, tmp_path, monkeypatch):
     root, url = local_server
-    with gzip.open(lte.DATA_DIR / "c044505.cat.gz", "rb") as src:
+    with gzip.open(catalogs.DATA_DIR / "c044505.cat.gz", "rb") as src:
         (root / "c044505.cat").write_bytes(src.read())
     cache = tmp_path / "cache"
-    path = lte.fetch("44505", cache=cache, cdms_url=url, jpl_url=url)
+    path = catalogs.fetch("44505", cache=cache, cdms_url=url, jpl_url=url)
     index = (cache / "index.json").read_text()
     assert path.exists() and "sha256" in index and url in index
-    monkeypatch.setattr(lte, "DATA_DIR", tmp_path / "empty")  # resolve from the cache alone
+    monkeypatch.setattr(catalogs, "DATA_DIR", tmp_path / "empty")  # resolve from the cache alone
     (tmp_path / "empty").mkdir()
-    monkeypatch.setattr(lte, "CACHE_DIR", cache)
+    monkeypatch.setattr(catalogs, "CACHE_DIR", cache)
     mol = lte.load_molecule("44505")
     assert mol.freq_MHz.size > 0 and np.isfinite(mol.Q(100.0))
 
 
 def test_fetch_offline_fails_at_once(tmp_path):
     with pytest.raises(ConnectionError, match="cannot download"):
-        lte.fetch("44505", cache=tmp_path, cdms_url="http://127.0.0.1:9/", timeout_s=2)
+        catalogs.fetch("44505", cache=tmp_path, cdms_url="http://127.0.0.1:9/", timeout_s=2)
     assert not any(tmp_path.iterdir())
 
 
 def test_cli_info_and_error(capsys):
-    assert lte.main(["info", "CH3OH", "--freq", "232000:233000"]) == 0
+    assert catalogs.main(["info", "CH3OH", "--freq", "232000:233000"]) == 0
     assert "lines=" in capsys.readouterr().out
-    assert lte.main(["info", "NOPE_MOLECULE"]) == 2
+    assert catalogs.main(["info", "NOPE_MOLECULE"]) == 2
     assert "error:" in capsys.readouterr().err
