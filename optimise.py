@@ -171,3 +171,41 @@ def gauss_newton_errors(resid, u: np.ndarray, names: list[str], max_cond: float 
     sigma[ok] = np.sqrt(np.diag((V[:, ~small] / w[~small]) @ V[:, ~small].T)) / d[ok]
     sigma[list(notes)] = np.nan
     return sigma, notes, u.size + 1
+
+
+def bound_flags(u: np.ndarray, tol: float = 1e-3) -> np.ndarray:
+    """Per coordinate of u (n,): "lower" or "upper" within tol of a face of [0, 1]^n, else ""."""
+    u = np.asarray(u, dtype=float)
+    return np.where(u <= tol, "lower", np.where(u >= 1.0 - tol, "upper", ""))
+
+
+def profile_crossing(f, x_grid: np.ndarray, delta: float, f_below=np.inf, F=None, n_fine=33):
+    """Upper crossing of a 1-D profile: the smallest x above its minimum where f rises by delta.
+
+    f(x (n,)) -> (n,) is called once on x_grid (increasing; skipped when its values F are
+    given) and once on n_fine points between the two grid points that bracket the crossing,
+    then interpolated linearly. f_below is a value attained below the grid (e.g. at zero
+    signal) that counts as a candidate minimum.
+
+    Returns:
+        (x_cross, f_min, nfev): x_cross is +inf when f stays below f_min + delta on the whole
+        grid, and x_grid[0] when it is already above it there (the crossing lies below the grid).
+    """
+    nfev = 0 if F is not None else x_grid.size
+    F = f(x_grid) if F is None else np.asarray(F)
+    i_min = int(np.argmin(F))
+    f_min = min(float(F[i_min]), f_below)
+    start = 0 if f_below <= F[i_min] else i_min
+    above = np.flatnonzero(F[start:] >= f_min + delta) + start
+    if above.size == 0:
+        return np.inf, f_min, nfev
+    j = int(above[0])
+    if j == 0:
+        return float(x_grid[0]), f_min, nfev
+    x_fine = np.linspace(x_grid[j - 1], x_grid[j], n_fine)
+    F_fine = f(x_fine)
+    k = int(np.flatnonzero(F_fine >= f_min + delta)[0]) if (F_fine >= f_min + delta).any() else -1
+    if k <= 0:  # not monotonic within the bracket: the grid point is the bound
+        return float(x_grid[j]), f_min, nfev + n_fine
+    t = (f_min + delta - F_fine[k - 1]) / (F_fine[k] - F_fine[k - 1])
+    return float(x_fine[k - 1] + t * (x_fine[k] - x_fine[k - 1])), f_min, nfev + n_fine

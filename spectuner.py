@@ -29,7 +29,9 @@ from scipy.signal import find_peaks, peak_widths
 
 import lte
 from optimise import (
+    bound_flags,
     gauss_newton_errors,
+    profile_crossing,
     pso,
     random_starts,
     refine_nelder_mead,
@@ -75,6 +77,10 @@ DEFAULT_BOUNDS = {
 }
 PEAK_SIGMA = 4.0  # §4: peaks need height and prominence >= 4 rms
 NEARLY_THIN_TAU = 0.2  # below this peak opacity the eta and N_tot errors get a warning (README)
+AT_BOUND_TOL = 1e-3  # a free parameter this close (unit cube) to a face of the box is at it
+DETECT_DCHI2 = 25.0  # detected: chi2(no molecule) - min chi2 along N_tot >= this (README)
+LIMIT_SIGMA = 3.0  # upper limit: N_tot where chi2 is LIMIT_SIGMA^2 above its minimum (README)
+LIMIT_SCAN_DEX = (-6.0, 2.0)  # dex added below and above the box's N_tot range for the profile
 
 
 class Window(NamedTuple):
@@ -629,6 +635,8 @@ def fit_spectrum(
     for i, s in zip(np.flatnonzero(box["free"]), sigma_q):
         if box["log"][i] and s > 1:
             notes[i] = "unconstrained: 1-sigma beyond a factor of 10"
+    at_bound, bound_text = bound_notes(u, box)  # issue 15: no symmetric error at a face
+    notes.update({i: "; ".join(filter(None, (notes.get(i), t))) for i, t in bound_text.items()})
     sigma[list(notes)] = np.nan
     tau_max = {
         m.name: max(float(lte.peak_opacity(w["freq"], w["mols"][k], X[5 * k : 5 * k + 5]))
@@ -661,6 +669,11 @@ def fit_spectrum(
     )
     for i, reason in {**remarks_thin, **notes}.items():  # why NaN, else a warning
         result["error_notes"][names[i // 5]][PARAM_NAMES[i % 5]] = reason
+    # --- issue 15: faces of the box, detection and upper limits on N_tot ---
+    result["at_bound"] = {m: {PARAM_NAMES[i % 5]: side for i, side in at_bound.items()
+                              if i // 5 == k} for k, m in enumerate(names)}  # fmt: skip
+    resid_x = partial(noise_residuals, windows, molecules, v_lsr_kms=v_lsr_kms, dish_m=dish_m)
+    result["detection"] = {m: detect_and_limit(resid_x, X, k, box) for k, m in enumerate(names)}
     if dish_m:
         beam_ref = 1.22 * lte.C_KMS * 1e3 / (nu_ref * 1e6 * dish_m) * 206264.806  # arcsec
         eta = X[0::5]
@@ -669,6 +682,103 @@ def fit_spectrum(
         )
         result["eta_ref_MHz"] = nu_ref
     return result
+
+
+# --- faces of the box and non-detections (issue 15) ---
+
+
+def bound_notes(u: np.ndarray, box: dict, tol: float = AT_BOUND_TOL) -> tuple[dict, dict]:
+    """Free parameters that end within tol (unit cube) of a face of the box, and what to do.
+
+    At a face the chi2 minimum is not inside the box, so the curvature there is no 1-sigma
+    error: fit_spectrum reports NaN with this note instead.
+
+    Returns:
+        flags {index into the 5 k vector: "lower" or "upper"}, notes {index: text}.
+    """
+    flags, notes = {}, {}
+    n_mol = len(box["names"]) // 5
+    for side, i in zip(bound_flags(u, tol), np.flatnonzero(box["free"])):
+        if not side:
+            continue
+        p, key = PARAM_NAMES[i % 5], box["names"][i] if n_mol > 1 else PARAM_NAMES[i % 5]
+        lo, hi = (10 ** box[k][i] if box["log"][i] else box[k][i] for k in ("q_lo", "q_hi"))
+        flags[i] = str(side)
+        if p == "eta" and side == "upper" and hi >= ETA_MAX:
+            notes[i] = "eta at its maximum, 1 (the source fills the beam): no symmetric error"
+            continue
+        if box["log"][i]:  # a factor of 100 for N_tot and eta, 10 for T_ex and delta_v
+            f = 100.0 if p in ("N_tot", "eta") else 10.0
+            lo, hi = (lo / f, hi) if side == "lower" else (lo, hi * f)
+            hi = min(hi, ETA_MAX) if p == "eta" else hi
+        else:
+            w = hi - lo
+            lo, hi = (lo - w / 2, hi) if side == "lower" else (lo, hi + w / 2)
+        at = 10 ** box["q_lo" if side == "lower" else "q_hi"][i] if box["log"][i] else (
+            box["q_lo" if side == "lower" else "q_hi"][i])  # fmt: skip
+        notes[i] = (f"{p} at its {side} bound {at:g}: widen it with --bounds {key}={lo:g}:{hi:g} "
+                    "(no symmetric 1-sigma error at a bound)")  # fmt: skip
+    return flags, notes
+
+
+def noise_residuals(windows, molecules, X, v_lsr_kms: float = 0.0, dish_m=None) -> np.ndarray:
+    """(T_obs - T_model) / rms over all channels of the windows at physical X (B, 5 k) -> (B, M)."""
+    X = np.atleast_2d(X)
+    margin_kms = np.abs(X[:, 4::5]).max() + 3 * X[:, 3::5].max()
+    prep = _prepare(windows, molecules, margin_kms, v_lsr_kms)
+    models = _forward(X, prep, _ref_freq(prep) if dish_m else None)
+    return np.concatenate([(w["T"] - m) / w["rms"] for m, w in zip(models, prep)], axis=1)
+
+
+def detect_and_limit(resid_x, X: np.ndarray, k: int, box: dict, n_sigma: float = LIMIT_SIGMA,
+                     dchi2_min: float = DETECT_DCHI2, step_dex: float = 0.1) -> dict:  # fmt: skip
+    """Detection test and upper limit of molecule k's N_tot along its chi2 profile.
+
+    chi2(N) = sum_c resid_x(X with N_tot,k = N)_c^2, the other parameters held at X (fixed,
+    not profiled), on a grid of step_dex in log10 N over the box's range widened by
+    LIMIT_SCAN_DEX, and at N = 0 (no molecule k). The molecule is detected when
+    Delta chi2 = chi2(0) - min_{N >= 0} chi2(N) >= dchi2_min (25: 5 sigma for one parameter;
+    the shape parameters, fitted to the same data, make a chance Delta chi2 larger). The upper
+    limit is the N above the minimum where chi2 = min + n_sigma^2: one-sided, and for thin
+    lines (T linear in N) exactly N_best + n_sigma sigma_N with N_best >= 0.
+
+    Args:
+        resid_x: X (B, 5 k) -> (B, M) noise-normalised residuals (noise_residuals).
+        X: (5 k,) physical parameters, e.g. the fit. box: make_box's box (N_tot range).
+
+    Returns:
+        dict: dchi2, detected (bool), N_tot_upper (cm^-2; NaN when chi2 never rises by
+        n_sigma^2 within the scan, e.g. saturated lines), N_tot_best (argmin, 0 if none
+        better than no molecule), n_sigma, held (the other parameters {name: value}), nfev.
+    """
+    i = 5 * k + 2
+    lo, hi = box["q_lo"][i] + LIMIT_SCAN_DEX[0], box["q_hi"][i] + LIMIT_SCAN_DEX[1]
+    grid = np.arange(lo, hi + step_dex / 2, step_dex)
+
+    def chi2(log10_N):  # (n,) -> (n,), one batched model call
+        XB = np.tile(X, (np.size(log10_N), 1))
+        XB[:, i] = np.where(np.isfinite(log10_N), 10.0 ** np.asarray(log10_N, float), 0.0)
+        return np.sum(resid_x(XB) ** 2, axis=1)
+
+    chi2_all = chi2(np.concatenate([[-np.inf], grid]))
+    chi2_zero, chi2_grid = chi2_all[0], chi2_all[1:]
+    x_up, chi2_min, nfev = profile_crossing(chi2, grid, n_sigma**2, chi2_zero, chi2_grid)
+    best = float(10 ** grid[np.argmin(chi2_grid)]) if chi2_grid.min() < chi2_zero else 0.0
+    held = {p: float(X[5 * k + j]) for j, p in enumerate(PARAM_NAMES) if p != "N_tot"}
+    return dict(dchi2=float(chi2_zero - chi2_min), detected=bool(chi2_zero - chi2_min >= dchi2_min),
+                N_tot_upper=float(10**x_up) if np.isfinite(x_up) else float("nan"),
+                N_tot_best=best, n_sigma=n_sigma, held=held, nfev=nfev + grid.size + 1)  # fmt: skip
+
+
+def limit_text(mol: str, det: dict) -> str:
+    """One line on a molecule's detection, and its N_tot upper limit when not detected."""
+    if det["detected"]:
+        return f"detection[{mol}]: detected (dchi2={det['dchi2']:.4g} >= {DETECT_DCHI2:g})"
+    held = ", ".join(f"{p}={v:.4g}" for p, v in det["held"].items())
+    limit = (f"N_tot < {det['N_tot_upper']:.3g} cm-2 ({det['n_sigma']:g} sigma, with {held})"
+             if np.isfinite(det["N_tot_upper"]) else "no upper limit (chi2 never rises by "
+             f"{det['n_sigma'] ** 2:g} within the scan: lines saturate at {held})")  # fmt: skip
+    return f"detection[{mol}]: not detected (dchi2={det['dchi2']:.3g} < {DETECT_DCHI2:g}): {limit}"
 
 
 def model_windows(
@@ -885,6 +995,11 @@ def main(cfg: Config) -> dict:
         ),
         " ".join(f"tau_max[{m}]={t:.3g}" for m, t in res["tau_max"].items()),
     )
+    for name, det in res["detection"].items():  # issue 15: detections and upper limits
+        print(limit_text(name, det))
+    for name, flags in res["at_bound"].items():
+        for p, side in flags.items():
+            print(f"at_bound[{name}:{p}]={side}: {res['error_notes'][name][p]}")
     if cfg.json:
         nan_to_none = lambda v: None if np.isnan(v) else v  # noqa: E731
         mols = {
@@ -899,9 +1014,13 @@ def main(cfg: Config) -> dict:
             **{
                 k: res[k]
                 for k in ("loss", "nfev", "method", "loss_name", "time_s", "status", "error_notes")
-                + ("tau_max", "source_size_arcsec", "eta_ref_MHz")
+                + ("tau_max", "source_size_arcsec", "eta_ref_MHz", "at_bound")
                 if k in res
             },
+            detection={
+                m: {k: nan_to_none(v) if isinstance(v, float) else v for k, v in d.items()}
+                for m, d in res["detection"].items()
+            },  # fmt: skip
             config=dataclasses.asdict(cfg),
         )
         with open(cfg.json, "w") as fh:
