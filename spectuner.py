@@ -34,6 +34,7 @@ from optimise import (
     profile_crossing,
     pso,
     random_starts,
+    refine_least_squares,
     refine_nelder_mead,
     refine_slsqp,
 )
@@ -552,6 +553,7 @@ def fit_spectrum(
     policy=None,
     pso_restarts: int = 1,
     starts=None,
+    chi2_refine: bool = True,
 ) -> dict:
     """Fit k molecules jointly (5 LTE parameters each) to the windows (§3, §4, §7).
 
@@ -569,11 +571,15 @@ def fit_spectrum(
             "fallback" says why). pso_restarts: independent swarms for the pso methods.
         starts: for the nn methods, (n_init, n_free) unit-cube starts drawn elsewhere (or the
             reason string) from policy_starts, which batches the network over many spectra.
+        chi2_refine: with the pm loss, refine its optimum by least squares (chi2_polish) on the
+            channels the model explains, so that the values and the errors (chi2 curvature)
+            belong to one minimum (issue 14). loss and nfev stay the optimiser's (METHOD §8).
 
     Returns:
         dict: params, errors, error_notes ({mol: {name: ...}}: why an error is NaN, or a
         warning), loss, nfev (the fit's forward-model evaluations), nfev_errors, time_s, status,
-        method, loss_name, tau_max ({mol: largest line-centre opacity at the fit}) (+
+        method, loss_name, tau_max ({mol: largest line-centre opacity at the fit}),
+        chi2_refine (chi2_polish's info, None without it), at_bound, detection (+
         source_size_arcsec and eta_ref_MHz for a single dish). The errors are statistical
         (Gauss-Newton on chi2 at the optimum, noise only): lines of other molecules and model
         errors are not in them.
@@ -623,8 +629,13 @@ def fit_spectrum(
     u, best, nfev, status = METHODS[method](
         objective, n_free, n_init, rng, n_restarts=pso_restarts, **kw
     )
+    polish, resid_fit = None, resid
+    resid_x = partial(noise_residuals, windows, molecules, v_lsr_kms=v_lsr_kms, dish_m=dish_m)
+    if loss == "pm" and chi2_refine:  # issue 14: values and errors of one chi2 minimum
+        u, keep, polish = chi2_polish(resid, resid_x, u, box)
+        resid_fit = lambda U: resid(U)[:, keep]  # noqa: E731
     free_names = [n for n, f in zip(box["names"], box["free"]) if f]
-    sigma_u, notes_u, nfev_err = gauss_newton_errors(resid, u, free_names)
+    sigma_u, notes_u, nfev_err = gauss_newton_errors(resid_fit, u, free_names)
 
     X = to_physical(u, box)[0]
     sigma = np.full(X.size, np.nan)
@@ -672,7 +683,7 @@ def fit_spectrum(
     # --- issue 15: faces of the box, detection and upper limits on N_tot ---
     result["at_bound"] = {m: {PARAM_NAMES[i % 5]: side for i, side in at_bound.items()
                               if i // 5 == k} for k, m in enumerate(names)}  # fmt: skip
-    resid_x = partial(noise_residuals, windows, molecules, v_lsr_kms=v_lsr_kms, dish_m=dish_m)
+    result["chi2_refine"] = polish
     result["detection"] = {m: detect_and_limit(resid_x, X, k, box) for k, m in enumerate(names)}
     if dish_m:
         beam_ref = 1.22 * lte.C_KMS * 1e3 / (nu_ref * 1e6 * dish_m) * 206264.806  # arcsec
@@ -682,6 +693,50 @@ def fit_spectrum(
         )
         result["eta_ref_MHz"] = nu_ref
     return result
+
+
+# --- the chi2 polish after the pm loss (issue 14) ---
+
+
+def unexplained_channels(r: np.ndarray, obs_n: np.ndarray, n_sigma: float = PEAK_SIGMA):
+    """Channels (M,) bool of emission the fitted model does not explain (blends to drop).
+
+    A channel is unexplained where the data exceed the model by n_sigma rms and by more than
+    the model itself (over half of the emission there is not the fit's); each such channel
+    takes with it the contiguous run around it where the data exceed the model by 1 rms.
+
+    Args:
+        r: (M,) (T_obs - T_model) / rms at the fit. obs_n: (M,) T_obs / rms.
+    """
+    seed = (r > n_sigma) & (r > obs_n - r)
+    over = r > 1.0
+    run = np.cumsum(np.diff(np.concatenate([[0], over.astype(np.int8)])) == 1) * over  # run ids
+    return over & np.isin(run, run[seed & over])
+
+
+def chi2_polish(resid, resid_x, u: np.ndarray, box: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Least-squares refinement of a pm optimum u, on the channels it leaves explained.
+
+    The pm loss (§4) and chi2 have different minima; the Gauss-Newton errors are the curvature
+    of chi2, so they describe the chi2 minimum. This moves the pm fit there, leaving out the
+    emission the model does not explain (unexplained_channels) so that a blend with another
+    line does not pull the fit (ours, issue 14).
+
+    Args:
+        resid: U (B, n_free) -> (B, M) noise-normalised residuals; resid_x: the same of
+            physical X (B, 5 k) (noise_residuals). u: the pm optimum (n_free,).
+
+    Returns:
+        (u, keep (M,) bool: the channels used, info dict: n_chan, n_dropped, chi2_pm,
+        chi2, nfev).
+    """
+    X0 = to_physical(u, box)
+    X0[:, 2::5] = 0.0  # no molecule: the observed spectrum / rms
+    keep = ~unexplained_channels(resid(u[None])[0], resid_x(X0)[0])
+    u_new, chi2, chi2_pm, nfev = refine_least_squares(resid, u, keep)
+    info = dict(n_chan=int(keep.sum()), n_dropped=int((~keep).sum()), chi2_pm=chi2_pm,
+                chi2=chi2, nfev=nfev + 2)  # fmt: skip
+    return u_new, keep, info
 
 
 # --- faces of the box and non-detections (issue 15) ---
@@ -739,8 +794,9 @@ def detect_and_limit(resid_x, X: np.ndarray, k: int, box: dict, n_sigma: float =
     LIMIT_SCAN_DEX, and at N = 0 (no molecule k). The molecule is detected when
     Delta chi2 = chi2(0) - min_{N >= 0} chi2(N) >= dchi2_min (25: 5 sigma for one parameter;
     the shape parameters, fitted to the same data, make a chance Delta chi2 larger). The upper
-    limit is the N above the minimum where chi2 = min + n_sigma^2: one-sided, and for thin
-    lines (T linear in N) exactly N_best + n_sigma sigma_N with N_best >= 0.
+    limit is the N above the minimum where chi2 = min + n_sigma^2: one-sided; for thin lines
+    (T linear in N, chi2 = min + ((N - N_hat) / sigma_N)^2 over all real N) it is
+    N_hat + n_sigma sigma_N, or N_hat + sqrt(N_hat^2 + (n_sigma sigma_N)^2) when N_hat < 0.
 
     Args:
         resid_x: X (B, 5 k) -> (B, M) noise-normalised residuals (noise_residuals).
