@@ -631,3 +631,47 @@ def test_cli_prints_and_saves_bounds_and_limits(tmp_path, capsys):
     assert st.cli(["fit", str(noise), "--mol", "CH3OH", "--rms", "0.002", "--loss", "chi2",
                    "--method", "random+slsqp", *fit[-4:]]) == 0  # fmt: skip
     assert "not detected (dchi2=0 < 25): N_tot < " in capsys.readouterr().out
+
+
+# --- the chi2 refinement after the pm loss (issue 14) ---
+
+
+def test_unexplained_channels_take_the_run_of_excess_around_a_strong_residual():
+    obs = np.array([0, 1, 2, 6, 9, 6, 2, 0.5, 0, 8, 10, 8, 0, 0.0])
+    model = np.array([0, 1, 0.5, 1, 2, 1, 0.5, 0.5, 0, 6, 5.5, 6, 0, 0.0])
+    r = obs - model  # 2-6: a line the model leaves unexplained; 9-11: under-fitted by 2-4.5
+    unexplained = st.unexplained_channels(r, obs)
+    assert list(np.flatnonzero(unexplained)) == [2, 3, 4, 5, 6]  # the run with r > 1 around 3-5
+    assert not unexplained[9:12].any()  # an excess of 4.5 rms, below the model's own 5.5: kept
+
+
+def blended(mol, params, snr=40.0, seed=0, offset_kms=3.7):
+    """`synthetic` plus an unexplained line of 0.8 x the peak, offset_kms from the brightest
+    CH3OH line of the first window (a partial blend), FWHM 1.9 km/s."""
+    windows = synthetic(mol, params, snr, seed)
+    f = windows[0].freq_MHz
+    top = f[np.argmax(lte.spectrum(f, mol, np.array([params]))[0])]
+    centre = top * (1 + offset_kms / lte.C_KMS)
+    peak = max(w.T_obs_K.max() for w in windows)
+    line = 0.8 * peak * np.exp(-0.5 * ((f - centre) / (0.8 / 241796 * top)) ** 2)
+    return [windows[0]._replace(T_obs_K=windows[0].T_obs_K + line), windows[1]]
+
+
+def test_pm_fit_is_refined_to_the_chi2_minimum_away_from_an_unexplained_blend(ch3oh):
+    truth = CASES["thin"]
+    z = lambda r: np.array([(r["params"]["CH3OH"][p] - t) / r["errors"]["CH3OH"][p]  # noqa: E731
+                            for p, t in zip(st.PARAM_NAMES, truth)])  # fmt: skip
+    clean = synthetic(ch3oh, truth)
+    raw = st.fit_spectrum(clean, [ch3oh], "random+slsqp", "pm", chi2_refine=False)
+    res = st.fit_spectrum(clean, [ch3oh], "random+slsqp", "pm")
+    assert np.nanmax(np.abs(z(raw))) > 5  # the pm optimum is not the chi2 minimum ...
+    assert np.nanmax(np.abs(z(res))) < 3 and np.isfinite(z(res)[[1, 3, 4]]).all()  # ... this is
+    info = res["chi2_refine"]
+    assert info["chi2"] < info["chi2_pm"] and info["n_dropped"] == 0 and res["loss"] == raw["loss"]
+    windows = blended(ch3oh, truth)
+    res = st.fit_spectrum(windows, [ch3oh], "random+slsqp", "pm")
+    chi2 = st.fit_spectrum(windows, [ch3oh], "random+slsqp", "chi2")
+    assert res["chi2_refine"]["n_dropped"] > 10  # the blend's channels are left out ...
+    assert np.nanmax(np.abs(z(res))) < 3 and np.isfinite(z(res)[[1, 3, 4]]).all()
+    assert np.nanmax(np.abs(z(chi2))) > 5  # ... while a chi2 fit of all channels is pulled
+    assert st.fit_spectrum(windows, [ch3oh], "random+slsqp", "chi2")["chi2_refine"] is None
