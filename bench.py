@@ -5,6 +5,8 @@ python bench.py fit      # wall time and nfev per fit on the IRAS 16293-2422 B w
 python bench.py recover  # how often each optimiser recovers synthetic CH3OH truths (issue 3)
 python bench.py cube     # cube fitting throughput (issue 4)
 python bench.py forest   # line statistics of forest.py's hot_corino vs IRAS 16293-2422 B (issue 11)
+python bench.py limits   # detection rate and coverage of the N_tot upper limits (issue 15)
+python bench.py coverage # 1- and 3-sigma coverage of the errors per parameter and loss (issue 14)
 """
 
 import argparse
@@ -343,6 +345,99 @@ def bench_forest(n_seeds: int = 200, preset: str = "hot_corino", band: int = 6) 
 
 
 BENCHES["forest"] = bench_forest
+
+
+def bench_limits(n_cases: int = 100, seed: int = 11) -> None:
+    """Upper limits on N_tot (issue 15): CH3OH in the two windows of the tests with everything
+    but N_tot fixed (eta 0.9, T_ex 10 K, FWHM 0.5 km/s, v_off 0; thin lines), noise 0.1 K and
+    0.2 K, truths at 0, 1 and 2 sigma_N (sigma_N of the linear model, sum (dT/dN / rms)^2 =
+    1 / sigma_N^2). Per truth: the fraction detected, the fraction of limits at or above the
+    truth (coverage of the 3-sigma one-sided limit), the median limit in sigma_N, and the
+    median ratio of the limits at 0.2 K and 0.1 K on the same noise draw (scaled). Last, noise
+    only with every parameter free in the default box: how often the fitted shape makes a
+    chance detection, and the distribution of Delta chi2."""
+    import spectuner
+
+    mol = lte.load_molecule("CH3OH", freq_range_MHz=(96000, 242000))
+    grids = [np.arange(241700, 241900, 0.15), np.arange(96700, 96780, 0.06)]
+    shape, wide = dict(eta=0.9, T_ex=10.0, delta_v=0.5, v_off=0.0), {"N_tot": (1e9, 1e20)}
+    unit = [lte.spectrum(f, mol, np.array([[0.9, 10.0, 1e12, 0.5, 0.0]]))[0] / 1e12 for f in grids]
+    rng = np.random.default_rng(seed)
+    for rms in (0.1, 0.2):
+        sigma_N = 1 / np.sqrt(sum(np.sum((u / rms) ** 2) for u in unit))
+        for z in (0.0, 1.0, 2.0):
+            rows = []
+            for _ in range(n_cases):
+                noise = [rng.normal(0, 1, f.size) for f in grids]
+                limit = []
+                for scale in (1.0, 2.0):
+                    T = [z * sigma_N * u + scale * rms * n for u, n in zip(unit, noise)]
+                    windows = [spectuner.Window(f, t, scale * rms) for f, t in zip(grids, T)]
+                    res = spectuner.fit_spectrum(windows, [mol], "random+slsqp", "chi2", 10,
+                                                 bounds=wide, fix=shape)  # fmt: skip
+                    limit.append(res["detection"]["CH3OH"])
+                rows.append((limit[0]["detected"], limit[0]["N_tot_upper"] >= z * sigma_N,
+                             limit[0]["N_tot_upper"] / sigma_N,
+                             limit[1]["N_tot_upper"] / limit[0]["N_tot_upper"]))  # fmt: skip
+            a = np.array(rows, dtype=float)
+            print(f"rms_K={rms} truth_sigma={z:g} sigma_N={sigma_N:.3g} cases={n_cases} "
+                  f"detected={a[:, 0].mean():.3f} covered={a[:, 1].mean():.3f} "
+                  f"median_limit_sigma={np.median(a[:, 2]):.2f} "
+                  f"median_ratio_2rms={np.median(a[:, 3]):.3f}", flush=True)  # fmt: skip
+    dchi2 = []  # noise only, every parameter free in the default box: chance detections
+    for case in range(n_cases // 2):
+        windows = [spectuner.Window(f, rng.normal(0, 0.1, f.size), 0.1) for f in grids]
+        res = spectuner.fit_spectrum(windows, [mol], "random+slsqp", "chi2", seed=case)
+        dchi2.append(res["detection"]["CH3OH"]["dchi2"])
+    print(f"free_shape noise_only cases={len(dchi2)} "
+          f"detected={np.mean(np.array(dchi2) >= spectuner.DETECT_DCHI2):.3f} "
+          f"dchi2_median={np.median(dchi2):.3g} dchi2_p95={np.percentile(dchi2, 95):.3g} "
+          f"dchi2_max={np.max(dchi2):.3g}", flush=True)  # fmt: skip
+
+
+BENCHES["limits"] = bench_limits
+
+
+def bench_coverage(n_cases: int = 100, seed: int = 13) -> None:
+    """Coverage of the 1-sigma errors (issue 14): synthetic CH3OH in the two windows of the
+    tests, truths uniform in the central 80 % of the unit cube of METHOD §3, peak S/N
+    log-uniform in 20-200, no other lines; random+slsqp with 50 starts and the pm loss without
+    and with the final chi2 refinement (fit_spectrum's chi2_refine, the default), and the
+    chi2 loss. Per parameter: the fits with a finite error (`finite`), the fractions of those
+    with |value - truth| <= 1 and <= 3 errors (Gaussian errors: 0.683 and 0.997), and the median
+    error in value (relative for eta, T_ex, N_tot and delta_v, in km/s for v_off)."""
+    import spectuner
+
+    mol = lte.load_molecule("CH3OH", freq_range_MHz=(96000, 242000))
+    grids = [np.arange(241700, 241900, 0.15), np.arange(96700, 96780, 0.06)]
+    box, names = spectuner.make_box(["CH3OH"], None, None), spectuner.PARAM_NAMES
+    runs = {"pm": dict(loss="pm", chi2_refine=False), "pm+chi2": dict(loss="pm"),
+            "chi2": dict(loss="chi2")}  # fmt: skip
+    z, dev = {k: [] for k in runs}, {k: [] for k in runs}
+    rng = np.random.default_rng(seed)
+    for case in range(n_cases):
+        truth = spectuner.to_physical(rng.uniform(0.1, 0.9, (1, 5)), box)[0]
+        T = [lte.spectrum(f, mol, truth[None])[0] for f in grids]
+        rms = max(t.max() for t in T) / 10 ** rng.uniform(np.log10(20), np.log10(200))
+        windows = [spectuner.Window(f, t + rng.normal(0, rms, f.size), rms)
+                   for f, t in zip(grids, T)]  # fmt: skip
+        for key, kw in runs.items():
+            res = spectuner.fit_spectrum(windows, [mol], "random+slsqp", seed=case, **kw)
+            est = np.array([res["params"]["CH3OH"][p] for p in names])
+            err = np.array([res["errors"]["CH3OH"][p] for p in names])
+            z[key].append((est - truth) / err)
+            dev[key].append(np.where(np.arange(5) == 4, est - truth, est / truth - 1))
+    for key in runs:
+        Z, D = np.array(z[key]), np.abs(np.array(dev[key]))
+        for j, p in enumerate(names):
+            ok = np.isfinite(Z[:, j])
+            print(f"run={key} param={p} cases={n_cases} finite={ok.sum()} "
+                  f"within_1sigma={np.mean(np.abs(Z[ok, j]) <= 1):.2f} "
+                  f"within_3sigma={np.mean(np.abs(Z[ok, j]) <= 3):.2f} "
+                  f"median_abs_error={np.median(D[:, j]):.3g}", flush=True)  # fmt: skip
+
+
+BENCHES["coverage"] = bench_coverage
 
 
 def main() -> None:

@@ -16,7 +16,10 @@ Status codes (status.fits): 0 fitted; 1 outside --region/--mask; 2 blank (no fin
 3 bad input (noise not positive, or continuum NaN); 4 too few peaks (< min_peaks peaks of height
 and prominence >= peak_snr x rms); 5 failed (the fit raised; reason in failures.csv); 6 fitted but
 the optimiser did not report success (e.g. maxiter; values kept, reason in failures.csv);
+8 limit (no molecule detected: an upper limit on N_tot in MOL_N_tot_upper.fits, see the README);
 -1 pending (not processed yet: an interrupted run, continue it with --resume).
+A fit with a free parameter at a face of the box is flagged in MOL_at_bound.fits (bit j: the
+j-th of eta, T_ex, N_tot, delta_v, v_off at its lower bound; bit 5 + j: at its upper bound).
 """
 
 import argparse
@@ -35,6 +38,7 @@ import uuid
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -87,7 +91,7 @@ class Config:
 PARAMS = spectuner.PARAM_NAMES  # eta, T_ex, N_tot, delta_v, v_off
 PARAM_UNITS = {"eta": "", "T_ex": "K", "N_tot": "cm-2", "delta_v": "km/s", "v_off": "km/s"}
 STATUS = {0: "fitted", 1: "outside", 2: "blank", 3: "bad_input", 4: "few_peaks", 5: "failed",
-          6: "unconverged", -1: "pending"}  # fmt: skip
+          6: "unconverged", 8: "limit", -1: "pending"}  # fmt: skip
 C_MS = lte.C_KMS * 1e3  # speed of light [m/s]
 K_PER_JY = 1.222e6  # T [K] = 1.222e6 S [Jy/beam] / (nu_GHz^2 theta_maj theta_min [arcsec^2])
 # FITS spectral world value w (SI: Hz, m/s, m, or redshift) and rest frequency f0 [Hz] -> Hz
@@ -379,7 +383,8 @@ def fit_pixel(S: dict, y: int, x: int, starts=None) -> dict:
     n_par = 5 * len(S["mols"])
     nan = np.full(n_par, np.nan)
     rec = dict(y=y, x=x, code=0, reason="", rms=np.nan, n_peaks=0, loss=np.nan, nfev=0,
-               time_s=0.0, values=nan, errors=nan, tau_max=nan[: len(S["mols"])])  # fmt: skip
+               time_s=0.0, values=nan, errors=nan, tau_max=nan[: len(S["mols"])],
+               at_bound=nan[: len(S["mols"])], dchi2=nan[: len(S["mols"])])  # fmt: skip
     spec = S["data"][:, y, x].astype(float)
     ok = np.isfinite(spec)
     if not ok.any():
@@ -405,6 +410,10 @@ def fit_pixel(S: dict, y: int, x: int, starts=None) -> dict:
     rec["values"] = np.array([res["params"][m][p] for m in mols for p in PARAMS])
     rec["errors"] = np.array([res["errors"][m][p] for m in mols for p in PARAMS])
     rec["tau_max"] = np.array([res["tau_max"][m] for m in mols])
+    rec["at_bound"] = np.array([sum(1 << (PARAMS.index(p) + 5 * (side == "upper"))
+                                    for p, side in res["at_bound"][m].items()) for m in mols],
+                               dtype=float)  # fmt: skip
+    rec["dchi2"] = np.array([res["detection"][m]["dchi2"] for m in mols])
     code, reason = (0, "") if res["status"] == "ok" else (6, str(res["status"]))
     return rec | dict(code=code, reason=reason, loss=res["loss"], nfev=res["nfev"],
                       time_s=res["time_s"])  # fmt: skip
@@ -533,7 +542,7 @@ RUNNERS = {"inprocess": run_inprocess, "pool": run_pool, "dask": run_dask}
 # --- chunks on disk: whole chunks survive Ctrl-C or a crash, --resume reads them back ---
 
 REC_KEYS = ("y", "x", "code", "reason", "rms", "n_peaks", "loss", "nfev", "time_s", "cpu_s",
-            "values", "errors", "tau_max")  # fmt: skip
+            "values", "errors", "tau_max", "at_bound", "dchi2")  # fmt: skip
 
 
 def flush_chunk(folder: Path, records: list) -> None:
@@ -570,7 +579,8 @@ def assemble(rec: dict, selected: np.ndarray, n_par: int) -> dict:
     for k in ("loss", "nfev", "rms", "n_peaks"):
         maps[k] = np.full(shape, np.nan)
     maps["values"], maps["errors"] = np.full((2, n_par, *shape), np.nan)
-    maps["tau_max"] = np.full((n_par // 5, *shape), np.nan)
+    for k in ("tau_max", "at_bound", "dchi2"):
+        maps[k] = np.full((n_par // 5, *shape), np.nan)
     if rec["y"].size:
         y, x, fitted = rec["y"].astype(int), rec["x"].astype(int), np.isin(rec["code"], (0, 6))
         maps["status"][y, x] = rec["code"]
@@ -578,8 +588,77 @@ def assemble(rec: dict, selected: np.ndarray, n_par: int) -> dict:
         maps["nfev"][y, x] = np.where(fitted, rec["nfev"], np.nan)
         maps["rms"][y, x], maps["n_peaks"][y, x] = rec["rms"], rec["n_peaks"]
         maps["values"][:, y, x], maps["errors"][:, y, x] = rec["values"].T, rec["errors"].T
-        maps["tau_max"][:, y, x] = rec["tau_max"].T
+        for k in ("tau_max", "at_bound", "dchi2"):
+            maps[k][:, y, x] = rec[k].T
     return maps
+
+
+def limit_reference(S: dict, maps: dict, detected: np.ndarray) -> tuple[list, str]:
+    """Per molecule, the (5,) parameters at which its N_tot limits are computed (issue 15).
+
+    A fixed parameter (--fix) keeps its value; a free one takes the median over the pixels
+    where the molecule is detected; N_tot is scanned. None (and why) where a free parameter
+    has no detected pixel to take it from.
+    """
+    names = [m.name for m in S["mols"]]
+    box = spectuner.make_box(names, S["fit_kwargs"]["bounds"], S["fit_kwargs"]["fix"])
+    refs, why = [], []
+    for k, m in enumerate(names):
+        x = box["x_fix"][5 * k : 5 * k + 5].copy()
+        free = [p for j, p in enumerate(PARAMS) if np.isnan(x[j]) and p != "N_tot"]
+        if free and not detected[k].any():
+            refs.append(None)
+            why.append(f"{m}: no detected pixel to take {free} from (fix them with --fix)")
+            continue
+        for j, p in enumerate(PARAMS):
+            if p in free:
+                x[j] = np.median(maps["values"][5 * k + j][detected[k]])
+        refs.append(x)
+    return refs, "; ".join(why)
+
+
+def upper_limit_maps(S: dict, maps: dict) -> tuple[np.ndarray, dict]:
+    """N_tot upper limits (n_mol, Y, X) where a molecule is not detected, and how they were made.
+
+    A molecule is detected in a fitted pixel when its Delta chi2 over "no molecule" along the
+    N_tot profile is at least spectuner.DETECT_DCHI2; it is not in one it was not fitted in (too
+    few peaks) or where that test fails. There the limit is spectuner.detect_and_limit's, at
+    limit_reference's parameters; the other molecules are held at their fits where detected,
+    else absent (N_tot = 0). The pixel's parameter maps of that molecule become NaN.
+    """
+    names, kw = [m.name for m in S["mols"]], S["fit_kwargs"]
+    fitted = np.isin(maps["status"], (0, 6))
+    detected = fitted & ~(maps["dchi2"] < spectuner.DETECT_DCHI2)  # older chunks: NaN, kept
+    refs, why = limit_reference(S, maps, detected)
+    box = spectuner.make_box(names, kw["bounds"], kw["fix"])
+    upper, values = np.full(maps["dchi2"].shape, np.nan), maps["values"].copy()
+    absent = [np.r_[r[:2], 0.0, r[3:]] if r is not None else np.array([0.5, 100.0, 0, 1, 0])
+              for r in refs]  # fmt: skip
+    for k, ref in enumerate(refs):
+        todo = ((maps["status"] == 4) | fitted) & ~detected[k]
+        maps["values"][5 * k : 5 * k + 5, todo] = maps["errors"][5 * k : 5 * k + 5, todo] = np.nan
+        for y, x in np.argwhere(todo) if ref is not None else []:
+            X = np.concatenate(
+                [
+                    values[5 * j : 5 * j + 5, y, x] if detected[j, y, x] else a
+                    for j, a in enumerate(absent)
+                ]
+            )  # others: the fit, or absent
+            X[5 * k : 5 * k + 5] = ref
+            windows = pixel_windows(S, y, x, maps["rms"][y, x])
+            resid_x = partial(spectuner.noise_residuals, windows, S["mols"],
+                              v_lsr_kms=kw["v_lsr_kms"], dish_m=kw["dish_m"])  # fmt: skip
+            try:
+                upper[k, y, x] = spectuner.detect_and_limit(resid_x, X, k, box)["N_tot_upper"]
+            except ValueError:  # no line of the molecule within reach of this pixel's windows
+                continue
+    limit = (np.isfinite(upper).any(0) & ~detected.any(0)) & np.isin(maps["status"], (0, 4, 6))
+    maps["status"][limit] = 8
+    info = dict(n_sigma=spectuner.LIMIT_SIGMA, detect_dchi2=spectuner.DETECT_DCHI2,
+                reference={m: None if r is None else {p: float(v) for p, v in zip(PARAMS, r)
+                                                      if p != "N_tot"}
+                           for m, r in zip(names, refs)}, why_none=why)  # fmt: skip
+    return upper, info
 
 
 def write_map(path: Path, image: np.ndarray, cube: dict, bunit: str, name: str) -> None:
@@ -648,12 +727,15 @@ def quicklook_figure(maps: dict, names: list, unit: str = ""):
     for j, (key, title) in enumerate(extra):
         fig.colorbar(axes[-1, j].imshow(maps[key], origin="lower"), ax=axes[-1, j])
         axes[-1, j].set_title(title, fontsize=9)
-    codes = sorted(STATUS)
-    colours = ["0.6", "C2", "0.85", "0.35", "C1", "C4", "C3", "C0"]  # -1 pending ... 6
-    norm = BoundaryNorm(np.arange(codes[0] - 0.5, codes[-1] + 1), len(codes))
-    im = axes[-1, 3].imshow(maps["status"], origin="lower", cmap=ListedColormap(colours),
+    codes = sorted(STATUS)  # shown by position: the codes need not be consecutive
+    colours = ["0.6", "C2", "0.85", "0.35", "C1", "C4", "C3", "C0", "C9"]  # -1 pending ... 8
+    norm = BoundaryNorm(np.arange(-0.5, len(codes)), len(codes))
+    status = np.asarray(maps["status"], dtype=float)
+    where = np.searchsorted(codes, np.nan_to_num(status, nan=codes[0])).astype(float)
+    where[~np.isfinite(status)] = np.nan
+    im = axes[-1, 3].imshow(where, origin="lower", cmap=ListedColormap(colours[: len(codes)]),
                             norm=norm, interpolation="nearest")  # fmt: skip
-    bar = fig.colorbar(im, ax=axes[-1, 3], ticks=codes)
+    bar = fig.colorbar(im, ax=axes[-1, 3], ticks=np.arange(len(codes)))
     bar.ax.set_yticklabels([f"{STATUS[c]}" for c in codes], fontsize=7)
     axes[-1, 3].set_title("status", fontsize=9)
     axes[-1, 4].set_axis_off()
@@ -675,18 +757,21 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def counts_line(status: np.ndarray, reasons: dict) -> tuple[dict, str]:
-    """Counts by status and reason, and the final line (fitted, skipped, failed by reason)."""
+def counts_line(status: np.ndarray, reasons: dict, at_bound: int = 0) -> tuple[dict, str]:
+    """Counts by status and reason, and the final line (fitted, of them at a bound, limits,
+    skipped, failed by reason)."""
     n = {STATUS[c]: int((status == c).sum()) for c in STATUS}
     skipped = {k: n[k] for k in ("outside", "blank", "bad_input", "few_peaks") if n[k]}
-    text = f"fitted={n['fitted']} skipped={sum(skipped.values())}"
+    text = f"fitted={n['fitted']}" + (f" (at_bound={at_bound})" if at_bound else "")
+    text += f" limits={n['limit']}" if n["limit"] else ""
+    text += f" skipped={sum(skipped.values())}"
     text += f" ({', '.join(f'{k}={v}' for k, v in skipped.items())})" if skipped else ""
     for key in ("failed", "unconverged"):
         if n[key]:
             why = ", ".join(f"{k}={v}" for k, v in sorted(reasons[key].items()))
             text += f" {key}={n[key]} ({why})"
     text += f" pending={n['pending']}" if n["pending"] else ""
-    return n | {"reasons": reasons}, text
+    return n | {"reasons": reasons, "at_bound": at_bound}, text
 
 
 def write_outputs(out: Path, S: dict, cube: dict, cfg: Config, info: dict, complete: bool) -> dict:
@@ -694,16 +779,23 @@ def write_outputs(out: Path, S: dict, cube: dict, cfg: Config, info: dict, compl
     names = [m.name for m in S["mols"]]
     rec = load_chunks(out / "chunks")
     maps = assemble(rec, S["selected"], 5 * len(names))
+    model_maps = dict(maps, values=maps["values"].copy())  # before non-detections become NaN
+    upper, limits = upper_limit_maps(S, maps)
     for k, m in enumerate(names):
         for j, p in enumerate(PARAMS):
             write_map(out / f"{m}_{p}.fits", maps["values"][5 * k + j], cube, PARAM_UNITS[p], p)
             write_map(out / f"{m}_{p}_err.fits", maps["errors"][5 * k + j], cube, PARAM_UNITS[p],
                       f"{p} 1-sigma error")  # fmt: skip
         write_map(out / f"{m}_tau_max.fits", maps["tau_max"][k], cube, "", "peak line opacity")
+        write_map(out / f"{m}_N_tot_upper.fits", upper[k], cube, "cm-2",
+                  f"N_tot {limits['n_sigma']:g}-sigma upper limit")  # fmt: skip
+        write_map(out / f"{m}_at_bound.fits", maps["at_bound"][k], cube, "", "at a bound (bits)")
+        write_map(out / f"{m}_dchi2.fits", maps["dchi2"][k], cube, "", "chi2(no molecule) - chi2")
     for key, unit in (("loss", ""), ("nfev", ""), ("status", ""), ("rms", cube["unit"])):
         write_map(out / f"{key}.fits", maps[key], cube, unit, key)
     if complete:
-        write_model_cube(out / "model_cube.fits", S, maps, cube, names)
+        write_model_cube(out / "model_cube.fits", S, model_maps | dict(status=maps["status"]),
+                         cube, names)  # fmt: skip
         if cube.get("descending"):
             to_file_order(out / "model_cube.fits", cube)
     elif (out / "model_cube.fits").exists():
@@ -716,7 +808,8 @@ def write_outputs(out: Path, S: dict, cube: dict, cfg: Config, info: dict, compl
             reasons[STATUS[code]][key] = reasons[STATUS[code]].get(key, 0) + 1
             lines.append(f"{y},{x},{code},{json.dumps(str(why))}")
     (out / "failures.csv").write_text("\n".join(lines) + "\n")
-    counts, line = counts_line(maps["status"], reasons)
+    n_at_bound = int((np.isin(maps["status"], (0, 6)) & (maps["at_bound"] > 0).any(0)).sum())
+    counts, line = counts_line(maps["status"], reasons, n_at_bound)
     fitted = np.isin(rec["code"], (0, 6))
     median = lambda a: float(np.median(a[fitted])) if fitted.any() else None  # noqa: E731
     info["timing"] |= dict(
@@ -726,7 +819,7 @@ def write_outputs(out: Path, S: dict, cube: dict, cfg: Config, info: dict, compl
         median_nfev=median(rec["nfev"]),
         median_fit_s=median(rec["time_s"]),
     )
-    summary = info | dict(complete=complete, counts=counts, summary_line=line,
+    summary = info | dict(complete=complete, counts=counts, summary_line=line, limits=limits,
                           status_codes={str(c): s for c, s in STATUS.items()})  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     summary["quicklook"] = quicklook(out / "quicklook.png", maps, names, cube["unit"])

@@ -12,7 +12,7 @@ numpy and scipy only: the module works when copied alone.
 """
 
 import numpy as np
-from scipy.optimize import minimize
+from scipy.optimize import least_squares, minimize
 from scipy.stats import qmc
 
 FD_STEP = 1e-5  # forward-difference step in the unit cube (gradients and Gauss-Newton)
@@ -174,3 +174,78 @@ def gauss_newton_errors(resid, u: np.ndarray, names: list[str], max_cond: float 
     sigma[ok] = np.sqrt(np.diag((V[:, ~small] / w[~small]) @ V[:, ~small].T)) / d[ok]
     sigma[list(notes)] = np.nan
     return sigma, notes, u.size + 1
+
+
+def bound_flags(u: np.ndarray, tol: float = 1e-3) -> np.ndarray:
+    """Per coordinate of u (n,): "lower" or "upper" within tol of a face of [0, 1]^n, else ""."""
+    u = np.asarray(u, dtype=float)
+    return np.where(u <= tol, "lower", np.where(u >= 1.0 - tol, "upper", ""))
+
+
+def profile_crossing(f, x_grid: np.ndarray, delta: float, f_below=np.inf, F=None, n_fine=33):
+    """Upper crossing of a 1-D profile: the smallest x above its minimum where f rises by delta.
+
+    f(x (n,)) -> (n,) is called once on x_grid (increasing; skipped when its values F are
+    given) and once on n_fine points between the two grid points that bracket the crossing,
+    then interpolated linearly. f_below is a value attained below the grid (e.g. at zero
+    signal) that counts as a candidate minimum.
+
+    Returns:
+        (x_cross, f_min, nfev): x_cross is +inf when f stays below f_min + delta on the whole
+        grid, and x_grid[0] when it is already above it there (the crossing lies below the grid).
+    """
+    nfev = 0 if F is not None else x_grid.size
+    F = f(x_grid) if F is None else np.asarray(F)
+    i_min = int(np.argmin(F))
+    f_min = min(float(F[i_min]), f_below)
+    start = 0 if f_below <= F[i_min] else i_min
+    above = np.flatnonzero(F[start:] >= f_min + delta) + start
+    if above.size == 0:
+        return np.inf, f_min, nfev
+    j = int(above[0])
+    if j == 0:
+        return float(x_grid[0]), f_min, nfev
+    x_fine = np.linspace(x_grid[j - 1], x_grid[j], n_fine)
+    F_fine = f(x_fine)
+    k = int(np.flatnonzero(F_fine >= f_min + delta)[0]) if (F_fine >= f_min + delta).any() else -1
+    if k <= 0:  # not monotonic within the bracket: the grid point is the bound
+        return float(x_grid[j]), f_min, nfev + n_fine
+    t = (f_min + delta - F_fine[k - 1]) / (F_fine[k] - F_fine[k - 1])
+    return float(x_fine[k - 1] + t * (x_fine[k] - x_fine[k - 1])), f_min, nfev + n_fine
+
+
+def refine_least_squares(resid, u0: np.ndarray, keep=None, max_nfev: int = 50):
+    """Noise-weighted least squares from u0 in [0, 1]^n: min 0.5 sum_c r_c(u)^2 over channels keep.
+
+    scipy's trust-region reflective solver with bounds [0, 1]; the Jacobian by forward
+    differences (a backward step at the upper bound), all n + 1 points in one batched call.
+
+    Args:
+        resid: U (B, n) -> (B, M) residuals (T_obs - T_model) / sigma.
+        u0: start (n,). keep: channel index or mask into M (None = all). max_nfev: solver steps.
+
+    Returns:
+        (u, chi2 at u, chi2 at u0, nfev); u = u0 when the solver does not lower chi2.
+    """
+    keep = slice(None) if keep is None else keep
+    nfev = 0
+
+    def fun(x):
+        nonlocal nfev
+        nfev += 1
+        return resid(x[None])[0, keep]
+
+    def jac(x):
+        nonlocal nfev
+        h = np.where(x + FD_STEP <= 1.0, FD_STEP, -FD_STEP)
+        R = resid(np.vstack([x, x + np.diag(h)]))[:, keep]
+        nfev += x.size + 1
+        return ((R[1:] - R[0]) / h[:, None]).T
+
+    r0 = fun(u0)
+    start = np.clip(u0, 1e-9, 1.0 - 1e-9)  # the solver starts strictly inside the bounds
+    res = least_squares(fun, start, jac=jac, bounds=(0.0, 1.0), x_scale="jac", max_nfev=max_nfev)
+    chi2_0, chi2 = float(r0 @ r0), float(res.fun @ res.fun)
+    if np.isfinite(chi2) and chi2 < chi2_0:
+        return np.clip(res.x, 0.0, 1.0), chi2, chi2_0, nfev
+    return u0, chi2_0, chi2_0, nfev

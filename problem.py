@@ -231,13 +231,18 @@ class Problem:
         self.nfev += len(X)
         return sum(self._dense_loss(X, j) for j in range(len(self.windows)))
 
+    def resid_x(self, X: np.ndarray) -> np.ndarray:
+        """resid at physical parameters X (B, 5 k), e.g. N_tot scans beyond the box (limits);
+        not counted in nfev."""
+        return np.concatenate([(w.T_obs_K - T) / w.rms_K
+                               for w, T in zip(self.windows, self.model(X))], axis=1)  # fmt: skip
+
     def resid(self, U: np.ndarray) -> np.ndarray:
         """Noise-normalised residuals (T_obs - T_model) / rms of every channel of every
         window, U (B, n_free) -> (B, n_chan), counted in nfev (Gauss-Newton errors)."""
         X = to_physical(U, self.box)
         self.nfev += len(X)
-        return np.concatenate([(w.T_obs_K - T) / w.rms_K
-                               for w, T in zip(self.windows, self.model(X))], axis=1)  # fmt: skip
+        return self.resid_x(X)
 
 
 def _rest_frame(w, v_lsr_kms: float, j: int) -> Window:

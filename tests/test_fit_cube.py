@@ -220,7 +220,7 @@ def test_reading_errors(tmp_path):
 def test_tiny_cube_recovers_injected_parameters(tiny, run1):
     out, summary = run1
     status = fits.getdata(out / "status.fits")
-    assert status[2, 2] == 2 and status[0, 2] == 4  # blank pixel; noise only
+    assert status[2, 2] == 2 and status[0, 2] == 8  # blank pixel; noise only: a limit
     assert summary["counts"]["fitted"] == 7 and summary["complete"]
     maps = {p: fits.getdata(out / f"CH3OH_{p}.fits") for p in spectuner.PARAM_NAMES}
     for (y, x), (eta, T_ex, N, dv, v_off) in TRUE.items():
@@ -298,12 +298,14 @@ def test_resume_after_interruption(tiny, run1, tmp_path, monkeypatch):
 def test_chunks_of_an_older_run_without_tau_max_still_load(tmp_path):
     rec = dict(y=1, x=2, code=0, reason="", rms=0.1, n_peaks=3, loss=1.0, nfev=100, time_s=0.1,
                cpu_s=0.1, values=np.arange(10.0), errors=np.ones(10))  # fmt: skip
-    rec["tau_max"] = np.ones(2)  # two molecules
+    rec["tau_max"] = rec["at_bound"] = rec["dchi2"] = np.ones(2)  # two molecules
     fit_cube.flush_chunk(tmp_path, [dict(rec)])
-    old = {k: np.array([rec[k]]) for k in fit_cube.REC_KEYS if k != "tau_max"}
+    new = ("tau_max", "at_bound", "dchi2")
+    old = {k: np.array([rec[k]]) for k in fit_cube.REC_KEYS if k not in new}
     np.savez(tmp_path / "chunk_000002.npz", **old)  # as written before tau_max existed
     loaded = fit_cube.load_chunks(tmp_path)
     assert loaded["tau_max"].shape == (2, 2) and loaded["values"].shape == (2, 10)
+    assert loaded["at_bound"].shape == (2, 2) and np.isnan(loaded["dchi2"][1]).all()
     assert (loaded["tau_max"][0] == 1).all() and np.isnan(loaded["tau_max"][1]).all()
 
 
@@ -372,7 +374,7 @@ def test_demo_cube_is_reproducible_and_recovered(tmp_path):
     assert s["input"]["v_lsr_kms"] == 5.0 and s["input"]["unit"] == "Jy/beam"
     fit = {p: fits.getdata(tmp_path / "fit" / f"CH3OH_{p}.fits") for p in spectuner.PARAM_NAMES}
     status = fits.getdata(tmp_path / "fit" / "status.fits")
-    assert status[7, 0] == 2 and (status[[6, 7, 7], [7, 6, 7]] == 4).all()
+    assert status[7, 0] == 2 and (status[[6, 7, 7], [7, 6, 7]] == 8).all()  # limits
     assert (status[:6] == 1).all()
     ok = np.isin(status, (0, 6))
     assert ok.sum() == 12
@@ -637,3 +639,40 @@ def test_quicklook_has_labels_units_and_status_names():
     assert {"fitted", "failed", "few_peaks", "pending"} <= set(ticks)
     words = " ".join(t.get_text() for t in fig.texts) + " ".join(titles)
     assert "degenerate" in words
+
+
+# --- faces of the box and non-detections (issue 15) ---
+
+
+def test_empty_region_gets_upper_limits_and_the_rest_is_fitted(tmp_path):
+    """Row 0 holds CH3OH, rows 1-2 noise only: limits there (status 8), fits in row 0."""
+    mol = lte.load_molecule("CH3OH", freq_range_MHz=(241500.0, 242100.0))
+    rng = np.random.default_rng(5)
+    data = rng.normal(0.0, RMS_K, (300, 3, 3))
+    lines = [(0.8, 100.0, 3e16, 2.0, -1.0), (0.6, 150.0, 1e16, 3.0, 0.5), (0.7, 120, 2e16, 2, 0)]
+    for x, p in enumerate(lines):
+        data[:, 0, x] += lte.spectrum(FREQ_HZ / 1e6, mol, np.array([p]))[0]
+    cube = write(tmp_path / "empty.fits", data, header_3d(300, 3, 3))
+    s = fit_cube.main(config(cube, tmp_path / "out"))
+    status = fits.getdata(tmp_path / "out" / "status.fits")
+    upper = fits.getdata(tmp_path / "out" / "CH3OH_N_tot_upper.fits")
+    N_tot = fits.getdata(tmp_path / "out" / "CH3OH_N_tot.fits")
+    assert (status[0] == 0).all() and (status[1:] == 8).all()
+    assert np.isnan(upper[0]).all() and np.isfinite(N_tot[0]).all()
+    assert np.isfinite(upper[1:]).all() and np.isnan(N_tot[1:]).all()
+    assert s["counts"]["limit"] == 6 and "limits=6" in s["summary_line"]
+    ref = s["limits"]["reference"]["CH3OH"]  # the median of the three detected pixels
+    assert ref["T_ex"] == pytest.approx(np.median([p[1] for p in lines]), rel=0.1)
+    assert ref["delta_v"] == pytest.approx(2.0, rel=0.1)
+    # thin lines at 0.1 K noise: the 3-sigma limit is a small fraction of the fitted columns,
+    # and the same at every empty pixel within the scatter of the noise
+    assert (upper[1:] < 0.05 * N_tot[0].min()).all() and upper[1:].max() < 3 * upper[1:].min()
+    # it is spectuner.detect_and_limit's at the reference, on the pixel's own spectrum
+    X = np.array([ref[p] if p != "N_tot" else 0.0 for p in spectuner.PARAM_NAMES])
+    rms = fits.getdata(tmp_path / "out" / "rms.fits")[1, 1]
+    w = [spectuner.Window(FREQ_HZ / 1e6, data[:, 1, 1].astype(np.float32).astype(float), rms)]
+    resid_x = lambda X: spectuner.noise_residuals(w, [mol], X)  # noqa: E731
+    det = spectuner.detect_and_limit(resid_x, X, 0, spectuner.make_box(["CH3OH"]))
+    assert not det["detected"] and det["N_tot_upper"] == pytest.approx(upper[1, 1], rel=1e-5)
+    at_bound = fits.getdata(tmp_path / "out" / "CH3OH_at_bound.fits")
+    assert s["counts"]["at_bound"] == int((at_bound[0] > 0).sum()) and np.isnan(at_bound[1:]).all()
