@@ -55,11 +55,13 @@ class Config:
     cube: str = ""  # input FITS cube (positional)
     mol: list[str] = field(default_factory=list)  # molecules (names or .cat paths), fitted jointly
     catalog: str = ""  # catalogue file or folder for every --mol; "" = lte's bundled default
-    method: str = "auto"  # auto (nn+slsqp if a policy exists, else random+slsqp), nn, nn+slsqp,
-    # nn+nelder-mead, random+slsqp, random+nelder-mead, pso, pso+slsqp, pso+nelder-mead
+    method: str = "auto"  # auto (nn+stack+slsqp if a policy exists, else random+slsqp), nn,
+    # nn+slsqp, nn+nelder-mead, nn+stack+slsqp, random+slsqp, random+nelder-mead, pso, pso+slsqp,
+    # pso+nelder-mead, stack, stack+slsqp, stack+nelder-mead (spectuner.METHODS)
     policy: str = ""  # policy file for the nn methods; "" = data/policy.pt
     loss: str = "pm"  # pm (peak matching) or chi2
     n_init: int = 50  # random starts (policy samples for nn methods) per pixel
+    n_refine: int = 1  # best distinct starts refined per pixel, best kept (>= 1)
     bounds: list[str] = field(default_factory=list)  # [MOL:]NAME=LO:HI, physical units
     fix: list[str] = field(default_factory=list)  # [MOL:]NAME=VALUE, physical units
     v_lsr: float = float("nan")  # systemic velocity, km/s; nan = header (VELO-LSR...) or 0
@@ -739,8 +741,8 @@ def main(cfg: Config) -> dict:
     box = spectuner.make_box([m.name for m in mols], bounds, fix)  # bad names raise here
     span = problem.reach_kms(box) / lte.C_KMS  # keep the lines that can reach the band
     mols = [lte.select_lines(m, rest.min() * (1 - span), rest.max() * (1 + span)) for m in mols]
-    fit_kwargs = dict(method=cfg.method, loss=cfg.loss, n_init=cfg.n_init, bounds=bounds,
-                      fix=fix, v_lsr_kms=v_lsr, dish_m=cfg.dish_m or None,
+    fit_kwargs = dict(method=cfg.method, loss=cfg.loss, n_init=cfg.n_init, n_refine=cfg.n_refine,
+                      bounds=bounds, fix=fix, v_lsr_kms=v_lsr, dish_m=cfg.dish_m or None,
                       policy=cfg.policy or None)  # fmt: skip
     beams = cube["beam_arcsec"]
     S = dict(token=uuid.uuid4().hex, data=cube["data"], freq_MHz=cube["freq_MHz"],
