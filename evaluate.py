@@ -41,7 +41,7 @@ class Config:
     )  # comma list of spectuner.METHODS keys
     nn_n_init: str = "10,25,50,100"  # N_init values for the network-only method
     n_init: int = 50  # N_init of every other method
-    n_refine: int = 1  # best distinct starts refined by the local methods (spectuner n_refine)
+    n_refine: int = 2  # best distinct starts refined by the local methods (spectuner n_refine)
     ref_restarts: int = 3  # particle-swarm restarts of the reference optimum (0 = none)
     inputs: str = ""  # comma list of results.csv files to merge and summarise instead of fitting
     loss: str = "pm"  # pm or chi2

@@ -61,7 +61,7 @@ class Config:
     policy: str = ""  # policy file for the nn methods; "" = data/policy.pt
     loss: str = "pm"  # pm (peak matching) or chi2
     n_init: int = 50  # random starts (policy samples for nn methods) per pixel
-    n_refine: int = 1  # best distinct starts refined per pixel, best kept (>= 1)
+    n_refine: int = 2  # best distinct starts refined per pixel, best kept (>= 1)
     bounds: list[str] = field(default_factory=list)  # [MOL:]NAME=LO:HI, physical units
     fix: list[str] = field(default_factory=list)  # [MOL:]NAME=VALUE, physical units
     v_lsr: float = float("nan")  # systemic velocity, km/s; nan = header (VELO-LSR...) or 0

@@ -67,7 +67,7 @@ class Config:
     loss: str = "pm"  # pm (peak matching) or chi2
     n_init: int = 50  # random starts (policy samples for nn methods)
     pso_restarts: int = 1  # independent particle-swarm runs, best kept
-    n_refine: int = 1  # best distinct starts refined by the local optimiser, best kept (>= 1)
+    n_refine: int = 2  # best distinct starts refined by the local optimiser, best kept (>= 1)
     seed: int = 0  # seeds every random draw
     json: str = ""  # write the result here (JSON); "" = do not
     plot: str = ""  # draw data, model and residual per window here (PNG); "" = do not
@@ -353,7 +353,8 @@ def fit_spectrum(
         starts: for the nn methods, (n_init, n_free) unit-cube starts drawn elsewhere (or the
             reason string) from policy_starts, which batches the network over many spectra.
         n_refine: the best n_refine distinct starts (more than 0.05 apart in the unit cube)
-            are refined and the best result kept; their runs are in nfev.
+            are refined and the best result kept; their runs are in nfev. The command line's
+            default is 2 (docs/benchmarks.md §8); 1 here keeps library calls as before.
 
     Returns:
         dict: params, errors, error_notes ({mol: {name: ...}}: why an error is NaN, or a
