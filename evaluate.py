@@ -36,9 +36,13 @@ class Config:
     heldout: str = "CH3OCHO,CH3OCH3,C2H3CN"  # molecules never seen in training
     real_mols: str = "CH3OH,SO2,OCS,HC3N"  # molecules fitted on the real windows
     catalog: str = str(SHARED / "catalogs")  # where names other than the bundled CH3OH resolve
-    methods: str = "nn,nn+slsqp,nn+nelder-mead,random+slsqp,random+nelder-mead,pso"
+    methods: str = (
+        "nn,nn+slsqp,nn+nelder-mead,nn+stack+slsqp,stack,stack+slsqp,random+slsqp,"
+        "random+nelder-mead,pso"
+    )  # comma list of spectuner.METHODS keys
     nn_n_init: str = "10,25,50,100"  # N_init values for the network-only method
     n_init: int = 50  # N_init of every other method
+    n_refine: int = 2  # best distinct starts refined by the local methods (spectuner n_refine)
     ref_restarts: int = 3  # particle-swarm restarts of the reference optimum (0 = none)
     inputs: str = ""  # comma list of results.csv files to merge and summarise instead of fitting
     loss: str = "pm"  # pm or chi2
@@ -148,6 +152,7 @@ def run_case(args) -> list[dict]:
             r = spectuner.fit_spectrum(
                 case["windows"], [case["mol"]], **{"method": method, **kw}, loss=cfg.loss,
                 n_init=n_init, seed=seed, v_lsr_kms=case["v_lsr"], policy=cfg.policy,
+                n_refine=cfg.n_refine,
             )  # fmt: skip
         except ValueError as err:  # e.g. no policy: the method is reported as missing
             rows.append(dict(group=group, case=index, method=method, n_init=n_init, error=str(err)))

@@ -60,11 +60,13 @@ class Config:
     cube: str = ""  # input FITS cube (positional)
     mol: list[str] = field(default_factory=list)  # molecules (names or .cat paths), fitted jointly
     catalog: str = ""  # catalogue file or folder for every --mol; "" = lte's bundled default
-    method: str = "auto"  # auto (nn+slsqp if a policy exists, else random+slsqp), nn, nn+slsqp,
-    # nn+nelder-mead, random+slsqp, random+nelder-mead, pso, pso+slsqp, pso+nelder-mead
+    method: str = "auto"  # auto (nn+stack+slsqp if a policy exists, else random+slsqp), nn,
+    # nn+slsqp, nn+nelder-mead, nn+stack+slsqp, random+slsqp, random+nelder-mead, pso, pso+slsqp,
+    # pso+nelder-mead, stack, stack+slsqp, stack+nelder-mead (spectuner.METHODS)
     policy: str = ""  # policy file for the nn methods; "" = data/policy.pt
     loss: str = "pm"  # pm (peak matching) or chi2
     n_init: int = 50  # random starts (policy samples for nn methods) per pixel
+    n_refine: int = 2  # best distinct starts refined per pixel, best kept (>= 1)
     bounds: list[str] = field(default_factory=list)  # [MOL:]NAME=LO:HI, physical units
     fix: list[str] = field(default_factory=list)  # [MOL:]NAME=VALUE, physical units
     v_lsr: float = float("nan")  # systemic velocity, km/s; nan = header (VELO-LSR...) or 0
@@ -109,7 +111,7 @@ UNITS = {"k": ("K", 1.0), "kelvin": ("K", 1.0), "mk": ("K", 1e-3), "jy/beam": ("
 V_LSR_KEYS = ("VELO-LSR", "VLSR", "VSYS")  # header keywords for the systemic velocity, m/s
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 RESUME_KEYS = tuple(  # options a resumed run must share with the run it continues
-    "mol catalog method policy loss n_init bounds fix v_lsr dish_m continuum rms bunit min_peaks "
+    "mol catalog method policy loss n_init n_refine bounds fix v_lsr dish_m continuum rms bunit min_peaks "
     "peak_snr min_channels seed".split()
 )
 
@@ -994,8 +996,8 @@ def main(cfg: Config) -> dict:
             raise ValueError(f"molecule {m.name} has no line in the cube's band: rest frame "
                              f"{lo:.1f}-{hi:.1f} MHz (v_lsr {v_lsr:g} km/s, "
                              f"+-{span * lte.C_KMS:.0f} km/s)")  # fmt: skip
-    fit_kwargs = dict(method=cfg.method, loss=cfg.loss, n_init=cfg.n_init, bounds=bounds,
-                      fix=fix, v_lsr_kms=v_lsr, dish_m=cfg.dish_m or None,
+    fit_kwargs = dict(method=cfg.method, loss=cfg.loss, n_init=cfg.n_init, n_refine=cfg.n_refine,
+                      bounds=bounds, fix=fix, v_lsr_kms=v_lsr, dish_m=cfg.dish_m or None,
                       policy=cfg.policy or None)  # fmt: skip
     beams = cube["beam_arcsec"]
     S = dict(token=uuid.uuid4().hex, data=cube["data"], freq_MHz=cube["freq_MHz"],
