@@ -22,7 +22,7 @@ SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
 def _box_draws(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 5) physical parameters drawn uniformly in the unit cube of METHOD §3."""
+    """(n, 5) physical parameters drawn uniformly in the unit cube of docs/method.md §3."""
     u = np.random.default_rng(seed).uniform(size=(n, 5))
     lo = np.array([-3.0, np.log10(3.0), 12.0, np.log10(0.3), -12.0])
     hi = np.array([-0.001, 3.0, 20.0, np.log10(30.0), 12.0])
@@ -158,7 +158,7 @@ BENCHES["fit"] = bench_fit
 def bench_recover(n_cases: int = 100, seed: int = 7) -> None:
     """Recovery of the truth on synthetic CH3OH spectra (issue 3): the two windows of the tests
     (J=5-4 at 241.8 GHz, J=2-1 at 96.7 GHz), truths uniform in the central 80 % of the unit
-    cube of METHOD §3, peak S/N log-uniform in 20-200, chi2 loss. A fit is `recovered` when
+    cube of docs/method.md §3, peak S/N log-uniform in 20-200, chi2 loss. A fit is `recovered` when
     every parameter with a finite error lies within 3 sigma of the truth (T_ex, delta_v and
     v_off must have one); a failure is `missed` when its chi2 is above that of the truth, or of
     the best fit any method found, by more than 1 (the optimiser stopped short of the minimum),
@@ -400,7 +400,7 @@ BENCHES["limits"] = bench_limits
 
 def bench_coverage(n_cases: int = 100, seed: int = 13) -> None:
     """Coverage of the 1-sigma errors (issue 14): synthetic CH3OH in the two windows of the
-    tests, truths uniform in the central 80 % of the unit cube of METHOD §3, peak S/N
+    tests, truths uniform in the central 80 % of the unit cube of docs/method.md §3, peak S/N
     log-uniform in 20-200, no other lines; random+slsqp with 50 starts and the pm loss without
     and with the final chi2 refinement (fit_spectrum's chi2_refine, the default), and the
     chi2 loss. Per parameter: the fits with a finite error (`finite`), the fractions of those

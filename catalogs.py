@@ -1,4 +1,4 @@
-"""Molecular catalogues (METHOD §1): read, resolve and fetch the lines of a molecule.
+"""Molecular catalogues (docs/method.md §1): read, resolve and fetch the lines of a molecule.
 
 Reads SPCAT `.cat` entries (CDMS, JPL) with their partition functions, the XCLASS/CDMS sqlite
 layout and Splatalogue sqlite rows (paired with CDMS/JPL partition functions by tag), into a
@@ -54,11 +54,12 @@ class Molecule:
     source: str = ""  # file (and entry) the data came from
 
     def Q(self, T_K):
-        """Partition function at T_K (METHOD §1: log Q linear in log T, end slopes beyond)."""
+        """Partition function at T_K (docs/method.md §1: log Q linear in log T, end slopes
+        beyond)."""
         return 10.0 ** log10_partition(np, T_K, self.Q_T_K, self.log10_Q)
 
 
-# --- partition function and line strengths (METHOD §1) ---
+# --- partition function and line strengths (docs/method.md §1) ---
 
 
 def log10_partition(xp, T_K, table_T_K, table_log10_Q):
@@ -78,7 +79,7 @@ def log10_partition(xp, T_K, table_T_K, table_log10_Q):
 
 
 def einstein_A_from_lgint(freq_MHz, lgint, g_u, E_low_K, Q300):
-    """Einstein A [s^-1] from the SPCAT log10 intensity at 300 K (CDMS documentation, METHOD §1)."""
+    """Einstein A [s^-1] from the SPCAT log10 intensity at 300 K (CDMS; docs/method.md §1)."""
     E_up_K = E_low_K + H_OVER_K_K_PER_MHZ * freq_MHz
     boltz = np.exp(-E_low_K / 300.0) - np.exp(-E_up_K / 300.0)
     return 2.7964e-16 * 10.0**lgint * freq_MHz**2 * Q300 / (g_u * boltz)
@@ -101,7 +102,7 @@ def select_lines(mol: Molecule, freq_min_MHz: float, freq_max_MHz: float) -> Mol
     )
 
 
-# --- catalogue readers (METHOD §1) ---
+# --- catalogue readers (docs/method.md §1) ---
 
 
 def _open_text(path: Path):
@@ -118,7 +119,7 @@ def _decode_gup(field: str) -> int:
 
 
 def read_cat(path) -> dict:
-    """Read an SPCAT `.cat` (or `.cat.gz`) file: FREQ, ERR, LGINT, DR, ELO, GUP, TAG (METHOD §1).
+    """Read an SPCAT `.cat` (or `.cat.gz`) file: FREQ, ERR, LGINT, DR, ELO, GUP, TAG (method §1).
 
     Returns:
         dict of arrays freq_MHz, lgint, E_low_cm, g_u and the int `tag` (absolute value).
@@ -363,7 +364,7 @@ def _splat_tag(s_name: str, splat_id: str, ll_id: int, q300: float, tables: dict
 
 def read_splatalogue(db_path, name: str, tables: dict | None = None) -> Molecule:
     """A Molecule from Splatalogue rows (sqlite with tables `species` and `main`, as in CASA's
-    casadata), paired with the partition function of the same catalogue by tag (METHOD §1).
+    casadata), paired with the partition function of the same catalogue by tag (docs/method.md §1).
 
     `name` is a Splatalogue species ('CH2CHCN v=0', also without parentheses '13CH3CN'), a bare
     formula ('CH2CHCN': its CDMS/JPL states that resolve to one tag, joined), or a CDMS/JPL
@@ -540,7 +541,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_molecule(name_or_path, catalog=None, freq_range_MHz=None) -> Molecule:
-    """Load a molecule's transitions and partition function (METHOD §1).
+    """Load a molecule's transitions and partition function (docs/method.md §1).
 
     Args:
         name_or_path: a bare name ('CH3OH', a CDMS/JPL name such as 'CO, v=0', a tag '032504',

@@ -1,4 +1,4 @@
-"""Reproduce the paper's evaluation (METHOD §8): mean relative loss against forward-model runs.
+"""Reproduce the paper's evaluation (docs/method.md §8): mean relative loss against model runs.
 
 For each spectrum every method fits the same molecule; L_ref is the best loss any run found,
 including a particle swarm with several restarts, and a fit's relative loss is
@@ -64,7 +64,7 @@ def strongest_lines(mol, n: int = 10, T_K: float = 150.0) -> np.ndarray:
 
 
 def draw_params(rng) -> np.ndarray:
-    """One parameter set uniform in the default box of METHOD §3 (physical units)."""
+    """One parameter set uniform in the default box of docs/method.md §3 (physical units)."""
     b = spectuner.DEFAULT_BOUNDS
     logu = [rng.uniform(np.log10(b[k][0]), np.log10(b[k][1])) for k in spectuner.PARAM_NAMES[:4]]
     return np.array([*(10.0**x for x in logu), rng.uniform(*b["v_off"])])

@@ -1,4 +1,4 @@
-"""Fit an LTE model to every pixel of a spectral cube (METHOD §9; Qiu et al. arXiv:2511.21027).
+"""Fit an LTE model to every pixel of a spectral cube (docs/method.md §9; arXiv:2511.21027).
 
 Reads a FITS cube (FREQ axis, or a velocity axis with RESTFRQ; K or Jy/beam, per-channel CASA
 beams honoured), estimates the noise of each pixel from its line-free channels, fits the pixels
@@ -111,12 +111,12 @@ UNITS = {"k": ("K", 1.0), "kelvin": ("K", 1.0), "mk": ("K", 1e-3), "jy/beam": ("
 V_LSR_KEYS = ("VELO-LSR", "VLSR", "VSYS")  # header keywords for the systemic velocity, m/s
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 RESUME_KEYS = tuple(  # options a resumed run must share with the run it continues
-    "mol catalog method policy loss n_init n_refine bounds fix v_lsr dish_m continuum rms bunit min_peaks "
-    "peak_snr min_channels seed".split()
+    "mol catalog method policy loss n_init n_refine bounds fix v_lsr dish_m continuum rms bunit "
+    "min_peaks peak_snr min_channels seed".split()
 )
 
 
-# --- reading the cube (METHOD §9) ---
+# --- reading the cube (docs/method.md §9) ---
 
 
 def brightness_unit(bunit: str) -> tuple[str, float]:

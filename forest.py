@@ -8,7 +8,8 @@ relative to CH3OH. The spectrum of a window is exactly
 
     T_obs(nu) = sum_m lte.spectrum(nu, mol_m, [eta, T_ex_m, N_m, fwhm_m, v_off_m], T_bg) + noise
 
-(the sum over molecules of the project's LTE model, METHOD §2), with Gaussian noise, optionally
+(the sum over molecules of the project's LTE model, docs/method.md §2), with Gaussian noise,
+optionally
 Hanning-correlated (kernel 1/4, 1/2, 1/4, rescaled to the drawn rms).
 
 Frame: freq_MHz of every window is a rest frame moving with the windows' reference velocity (as
@@ -328,7 +329,7 @@ def draw_forest(
 
 def line_stats(T_K: np.ndarray, rms_K: float) -> dict:
     """Line statistics of one window: peaks with height and prominence >= 4 rms per 1000
-    channels (the criterion of spectuner.find_spans, METHOD §4), their heights in rms
+    channels (the criterion of spectuner.find_spans, docs/method.md §4), their heights in rms
     (quantiles 10/50/90 %), the fraction of channels in a line, frac_span (inside a peak's span:
     its width at 25 % of its prominence, as in find_spans), and the fraction above 3 rms."""
     peaks, _ = find_peaks(T_K, height=4.0 * rms_K, prominence=4.0 * rms_K)

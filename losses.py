@@ -1,4 +1,4 @@
-"""The two losses of a model against an observed window (METHOD §4), batched over models.
+"""The two losses of a model against an observed window (docs/method.md §4), batched over models.
 
 chi2 = 0.5 mean(((T_obs - T_model) / rms)^2) and Spectuner's peak matching (pm; Qiu et al.
 2025, ApJS 277, 21), each (B, C) -> (B,). `chi2_on` and `pm_on` give the same values for

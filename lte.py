@@ -1,6 +1,6 @@
-"""The LTE line model (METHOD §2; XCLASS, Möller et al. 2017): the brightness of one molecule
-in one spectral window for a batch of parameter sets, each channel the average of the intensity
-over the channel.
+"""The LTE line model (docs/method.md §2; XCLASS, Möller et al. 2017): the brightness of one
+molecule in one spectral window for a batch of parameter sets, each channel the average of the
+intensity over the channel.
 
 Read top to bottom: constants; J(nu, T); the integrated opacity tau_t; `reference_spectrum`, the
 equations as written (a brute-force channel average); and the fast kernel, `spectrum` =
@@ -31,19 +31,21 @@ from catalogs import (  # noqa: F401  (re-exported: lte.load_molecule is the pub
 
 C_KMS = 299792.458  # speed of light [km/s]
 T_CMB_K = 2.726
-C2_OVER_8PI = 35.7603  # c^2/(8 pi) for N [cm^-2], A [s^-1], nu [MHz] -> tau [MHz] (METHOD §2)
+C2_OVER_8PI = (
+    35.7603  # c^2/(8 pi) for N [cm^-2], A [s^-1], nu [MHz] -> tau [MHz] (docs/method.md §2)
+)
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 N_SIGMA_MAX = 8.0  # a line's opacity is kept out to this many sigma (at most; see _plan)
 PARAM_NAMES = ("eta", "T_ex_K", "N_tot_cm2", "fwhm_kms", "v_off_kms")
 
 
 def planck_J_K(xp, freq_MHz, T_K):
-    """Radiation temperature J(nu, T) = (h nu/k) / (exp(h nu/k T) - 1) [K] (METHOD §2)."""
+    """Radiation temperature J(nu, T) = (h nu/k) / (exp(h nu/k T) - 1) [K] (docs/method.md §2)."""
     h_nu_k = H_OVER_K_K_PER_MHZ * freq_MHz
     return h_nu_k / xp.expm1(h_nu_k / T_K)
 
 
-# --- the forward model (METHOD §2) ---
+# --- the forward model (docs/method.md §2) ---
 
 
 def _check_params(params) -> None:
@@ -80,7 +82,7 @@ def _plan(s_chan, tau_peak, k_per_sigma=4.0, n_sub_max=64):
 
     A row needs fine sub-channels when its lines are narrow against the channel and not
     optically thin: the edges of a saturated line (where tau ~ 1) are steeper than the line,
-    by sqrt(2 ln tau_peak), and must be resolved for the channel average (METHOD §2). Each
+    by sqrt(2 ln tau_peak), and must be resolved for the channel average (docs/method.md §2). Each
     choice is a function of the row alone, so a spectrum does not depend on its batch.
     Args: s_chan, tau_peak (B, L): line sigma in channels, peak opacity.
     Returns: n_sub (B,) and K (B,) powers of 2, simpson (B,) bool.
@@ -108,7 +110,7 @@ def line_layout(freq_MHz, mol: Molecule, params) -> dict:
     """Where each line of `mol` falls on one window's channels, for a batch of parameters.
 
     The first half of `spectrum`: integrated opacity tau_t, centre mu_t and width sigma_t of
-    each line (METHOD §2), in channel-index units of the window sorted ascending (channel i
+    each line (docs/method.md §2), in channel-index units of the window sorted ascending (channel i
     spans [i, i+1)), and the sub-channel plan of each row.
 
     Args:
@@ -168,10 +170,11 @@ def covering(lo: np.ndarray, hi: np.ndarray, n_chan: int, pad: int = 0) -> np.nd
 def _average_channels(C, n_sub, K, x, s, tau_chan, amp, simpson):
     """Channel averages of amp * (1 - exp(-tau)), tau on n_sub sub-channels per channel.
 
-    tau(nu) = sum_t tau_t G(nu; mu_t, sigma_t) (METHOD §2) in channel-index units. Each line's
+    tau(nu) = sum_t tau_t G(nu; mu_t, sigma_t) (docs/method.md §2), in channel-index units. Each
+    line's
     opacity on a sub-channel is its exact mean there: the unit-area Gaussian's mass from erf
     differences, or Simpson's rule on the sub-channel when it is at most sigma/2 (exact to
-    ~1e-5). A line touches only the 2K+1 sub-channels around its centre (METHOD §2, Cost).
+    ~1e-5). A line touches only the 2K+1 sub-channels around its centre (docs/method.md §2, Cost).
     Args: C channels; x, s (b, L) line centre and sigma [channels]; tau_chan (b, L) integrated
         opacity [channels]; amp (b, C) [K]; simpson: the quadrature.
     Returns: (b, C) [K].
@@ -242,7 +245,7 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
 
 
 def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
-    """LTE brightness of one molecule in one window, channel-averaged (METHOD §2, XCLASS).
+    """LTE brightness of one molecule in one window, channel-averaged (docs/method.md §2, XCLASS).
 
     tau_t = (c^2/8pi) N A g_u exp(-E_l/T_ex) (1 - exp(-h nu/k T_ex)) / (Q(T_ex) nu^2)  [MHz]
     T(nu) = eta [J(nu, T_ex) - J(nu, T_CMB) - T_bg] (1 - exp(-sum_t tau_t G(nu; mu_t, sigma_t)))
@@ -256,7 +259,7 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
         mol: the molecule (lines out of reach of the window are skipped).
         params: (..., 5) eta, T_ex [K], N_tot [cm^-2], FWHM [km/s], v_off [km/s].
         T_bg_K: continuum brightness under the line [K], scalar or (C,).
-        cmb: subtract J(nu, T_CMB) (METHOD §2).
+        cmb: subtract J(nu, T_CMB) (docs/method.md §2).
     Returns:
         (..., C) brightness temperature [K].
     Raises:
@@ -280,7 +283,7 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
 def reference_spectrum(
     freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True, n_sub: int = 400
 ) -> np.ndarray:
-    """METHOD §2 as written, for one parameter set: slow, for reading and for tests.
+    """docs/method.md §2 as written, for one parameter set: slow, for reading and for tests.
 
     tau(nu) = sum_t tau_t G(nu; mu_t, sigma_t) on n_sub points per channel, then
     T(nu) = eta [J(nu, T_ex) - J(nu, T_CMB) - T_bg] (1 - exp(-tau(nu))) averaged over each

@@ -1,7 +1,8 @@
-"""Optimisers in the unit cube for batched objectives, and Gauss-Newton errors (METHOD §7).
+"""Optimisers in the unit cube for batched objectives, and Gauss-Newton errors (docs/method.md §7).
 
 Every objective here is f(U (B, n) in [0, 1]^n) -> losses (B,): one call evaluates a whole
-batch, and every point is counted (nfev), as the comparison of METHOD §8 is about that count.
+batch, and every point is counted (nfev): the comparison of docs/method.md §8 is about that
+count.
 numpy and scipy only: the module works when copied alone.
 
     import numpy as np, optimise

@@ -1,6 +1,6 @@
 """One fitting problem: observed windows, molecules and a parameter box, and its loss.
 
-Built once per spectrum (METHOD §3-§4): the windows taken to the rest frame and sorted by
+Built once per spectrum (docs/method.md §3-§4): the windows taken to the rest frame and sorted by
 frequency, each molecule's lines within reach of them, the observed peaks, and the constants
 of the losses. Calling it on unit-cube points U (B, n_free) gives the loss (B,), computed only
 on the channels the model lines reach (cost ~ lines x channels per line, not the band), equal
@@ -126,12 +126,12 @@ class Problem:
     """The loss of k molecules' LTE model against observed windows, over a parameter box.
 
     Args:
-        windows: Windows in the observed frame; nu_rest = nu_obs (1 + v_lsr / c) (METHOD §9).
-        molecules: lte.Molecule list, in the box's order; their intensities add (METHOD §2).
+        windows: Windows in the observed frame; nu_rest = nu_obs (1 + v_lsr / c) (method §9).
+        molecules: lte.Molecule list, in the box's order; their intensities add (docs/method.md §2).
         box: from make_box. loss: "pm" or "chi2"; the losses of the windows add up.
         v_lsr_kms: systemic velocity. dish_m: single-dish diameter: eta is then the value at
             the data centre nu_ref, eta(nu) = theta^2 / (theta^2 + theta_beam(nu)^2) with
-            theta_beam ~ 1 / nu (METHOD §2).
+            theta_beam ~ 1 / nu (docs/method.md §2).
 
     Raises:
         ValueError: no window, a window with fewer than 2 channels, non-finite values or a
@@ -180,7 +180,7 @@ class Problem:
 
     def model(self, X: np.ndarray) -> list[np.ndarray]:
         """Summed model of the molecules per window on every channel, X (B, 5 k) physical ->
-        list of (B, C) [K] (METHOD §2). Not counted in nfev (outputs and plots)."""
+        list of (B, C) [K] (docs/method.md §2). Not counted in nfev (outputs and plots)."""
         X = np.atleast_2d(X)
         return [self._model_window(X, j) for j in range(len(self.windows))]
 

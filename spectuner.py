@@ -1,6 +1,6 @@
 """Fit one spectrum with the LTE model: parameter box, losses, optimisers, errors, command line.
 
-Implements METHOD.md §3 (unit cube over the parameter box), §4 (chi2 and peak-matching losses),
+Implements docs/method.md §3 (unit cube over the parameter box), §4 (chi2 and peak-matching losses),
 §7 (best of N_init starts refined by SLSQP or Nelder-Mead; particle swarm, optionally polished
 by the same local optimisers, ours) and the 1-sigma errors of issue 3, for Qiu et al.,
 arXiv:2511.21027 (Spectuner-D1) and Spectuner (ApJS 277, 21).
@@ -366,7 +366,7 @@ def fit_spectrum(
             reason string) from policy_starts, which batches the network over many spectra.
         chi2_refine: with the pm loss, refine its optimum by least squares (chi2_polish) on the
             channels the model explains, so that the values and the errors (chi2 curvature)
-            belong to one minimum (issue 14). loss and nfev stay the optimiser's (METHOD §8).
+            belong to one minimum (issue 14). loss and nfev stay the optimiser's (method §8).
         n_refine: the best n_refine distinct starts (more than 0.05 apart in the unit cube)
             are refined and the best result kept; their runs are in nfev. The command line's
             default is 2 (docs/benchmarks.md §8); 1 here keeps library calls as before.

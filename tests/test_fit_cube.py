@@ -153,7 +153,9 @@ def test_jy_per_beam_to_K_and_beams_table(tmp_path):
     area = np.pi * (0.5 * u.arcsec) * (0.3 * u.arcsec) / (4 * np.log(2))  # Gaussian beam
     expect = (1 * u.Jy / u.beam).to(u.K, u.brightness_temperature(nu, area)).value
     assert np.allclose(a["K_per_unit"], expect, rtol=1e-3)  # the 1.222e6 rounding
-    deg_form = 94299.4 / ((nu.value / 1e6) ** 2 * h["BMAJ"] * h["BMIN"])  # METHOD §9, to 1e-4
+    deg_form = 94299.4 / (
+        (nu.value / 1e6) ** 2 * h["BMAJ"] * h["BMIN"]
+    )  # docs/method.md §9, to 1e-4
     assert np.allclose(a["K_per_unit"], deg_form, rtol=2e-4)
     assert fit_cube.read_cube(write(tmp_path / "m.fits", np.ones((10, 2, 2)),
                               header_3d(10, 2, 2, BUNIT="mJy/beam", BMAJ=h["BMAJ"],

@@ -52,7 +52,7 @@ def N_for_peak_tau(mol, tau0, T_ex, fwhm_kms):
     return p[0, 2] * tau0 / (tau_int / (np.sqrt(2 * np.pi) * sigma))
 
 
-# --- accuracy of the channel average (METHOD §2: 1e-3 of the peak) ---
+# --- accuracy of the channel average (docs/method.md §2: 1e-3 of the peak) ---
 
 
 @pytest.mark.parametrize("fwhm_chan", [0.5, 1.0, 3.0, 10.0, 50.0])
