@@ -1,8 +1,8 @@
-"""Train the Spectuner-D1 policy: one-step REINFORCE with a prioritized replay buffer (METHOD §6).
+"""Train the Spectuner-D1 policy: one-step REINFORCE with a prioritized replay buffer (docs/method.md §6).
 
 An episode is one step: a state s is (observed windows, target molecule), an action u ~ pi(.|s)
-is a point of the unit cube of the five LTE parameters (METHOD §3), the reward is -loss(u; s)
-(METHOD §4, peak matching by default). Per state K actions are drawn; the gradient is REINFORCE
+is a point of the unit cube of the five LTE parameters (docs/method.md §3), the reward is -loss(u; s)
+(docs/method.md §4, peak matching by default). Per state K actions are drawn; the gradient is REINFORCE
 with rewards standardised per state and a leave-one-out baseline (mean of the other K-1), plus an
 optional entropy bonus.
 
@@ -10,10 +10,10 @@ States: synthetic spectra from lte.spectrum (target with parameters drawn over t
 a fraction of states; 1-3 windows placed on the target's strong lines; channel widths 0.1-2 km/s;
 other molecules on top; Gaussian noise; varied T_bg and beams) and the real IRAS 16293-2422 B
 windows with CH3OH as target. States wait in a pool grouped by the number of peaks above 4 rms and
-are drawn group by group evenly (pixel binning, METHOD §6). Every state is a function of its id
+are drawn group by group evenly (pixel binning, docs/method.md §6). Every state is a function of its id
 and cfg.seed, so the buffer and the checkpoint only keep ids.
 
-Prioritized replay (our design, METHOD §6): each used state enters the buffer with the best action
+Prioritized replay (our design, docs/method.md §6): each used state enters the buffer with the best action
 found so far and its loss, at maximum priority. A step mixes fresh states with replayed ones,
 drawn with probability p_i^alpha / sum p^alpha and weighted by importance weights
 (N P(i))^-beta / max, beta annealed to 1. A replayed state gets K fresh samples plus its stored
@@ -25,6 +25,10 @@ turns the buffer off (fresh states only).
 A fresh synthetic state's true parameters join its set the same way, as member K+1 and as the
 first stored best when they beat the samples (ours; `--use_truth 0` turns this off); real states
 have no truth. Rewards are rank-shaped before standardisation (`--shaping raw` keeps -loss).
+Exploration (issue 12): a share explore_frac of each state's K samples is uniform over the
+cube; all K enter the rewards, baselines and the buffer's best action, and the gradient with
+balance-heuristic weights pi / ((1 - e) pi + e) (see reinforce_loss). Evaluation logs the
+samples' per-dimension std and the fraction at the box faces (eval_std_*, eval_face).
 
     python train.py train --run_dir runs/main
     python train.py train --run_dir runs/main --resume 1
@@ -39,6 +43,7 @@ import csv
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import time
@@ -70,7 +75,7 @@ class Config:
     run_dir: str = "runs/main"  # checkpoints, metrics.csv, config.json, best.pt
     resume: int = 0  # 1 = continue from run_dir/ckpt.pt
     seed: int = 0  # seeds numpy, torch and every state
-    device: str = "cpu"  # cpu or cuda
+    device: str = "cpu"  # cpu or cuda[:N] (never required; an error if torch sees no GPU)
     threads: int = 1  # torch CPU threads
     n_steps: int = 300000  # gradient steps (total, counting resumed ones)
     batch_states: int = 16  # states per step
@@ -88,7 +93,9 @@ class Config:
     alpha: float = 0.6  # PER priority exponent
     beta0: float = 0.4  # PER importance exponent at step 0, annealed to 1
     beta_steps: int = 50000  # steps over which beta reaches 1
-    eps: float = 1e-3  # PER priority floor
+    eps: float = 1e-3  # PER priority floor, added by ReplayBuffer.update
+    lag_cap: float = 10.0  # PER: a replayed state's relative lag is capped here before eps
+    explore_frac: float = 0.25  # share of each state's K samples drawn uniformly over the cube
     molecules: list[str] = dataclasses.field(default_factory=lambda: list(TRAIN_MOLECULES))
     holdout: list[str] = dataclasses.field(default_factory=lambda: list(HOLDOUT))  # eval only
     catalog: str = "../shared/data/catalogs"  # folder of .cat files; CH3OH is bundled
@@ -123,11 +130,12 @@ class Config:
 
 GROUP_EDGES = np.array([1, 4, 16, 64])  # peak-count groups: 0, 1-3, 4-15, 16-63, 64+
 METRICS = "step time_s reward best_loss adv_abs entropy beta n_replay buf it_s".split()
+SPREAD_KEYS = [f"eval_std_{p}" for p in ("eta", "T_ex", "N_tot", "dv", "v_off")] + ["eval_face"]
 LOSS_SCALE = {  # natural unit of each loss on a state: pm is in K, chi2 in units of sigma^2
     "pm": lambda s: float(np.mean([np.mean(w.rms_K) for w in s["problem"].windows])),
     "chi2": lambda s: 1.0,
 }
-EVAL_KEYS = ["eval_win_train", "eval_gain_train", "eval_win_hold", "eval_gain_hold"]
+EVAL_KEYS = ["eval_win_train", "eval_gain_train", "eval_win_hold", "eval_gain_hold"] + SPREAD_KEYS
 
 
 def log_uniform(rng, lo_hi) -> float:
@@ -152,7 +160,7 @@ def load_molecules(names: list, cfg: Config) -> dict:
 
 
 def load_real(folder: str, v_lsr_kms: float) -> list:
-    """Real windows (rest frame, METHOD §9) from SPEC files and windows.csv; [] if absent."""
+    """Real windows (rest frame, docs/method.md §9) from SPEC files and windows.csv; [] if absent."""
     if not folder or not (Path(folder) / "windows.csv").exists():
         return []
     wins = []
@@ -270,16 +278,73 @@ SHAPING = {"rank": rank_utility, "raw": lambda r, resolution: r}
 
 
 def loo_advantage(r: np.ndarray) -> np.ndarray:
-    """Rewards (S,) standardised, minus the leave-one-out mean of the other S-1 (METHOD §6)."""
+    """Rewards (S,) standardised, minus the leave-one-out mean of the other S-1 (docs/method.md §6)."""
     z = (r - r.mean()) / r.std() if r.std() > 1e-12 else np.zeros_like(r)
     return z - (z.sum() - z) / (len(z) - 1)
 
 
-class ReplayBuffer:
-    """Prioritized replay (Schaul et al. 2016) of state ids with their best action and loss."""
+def draw_actions(net, batch: dict, k: int, n_uniform: int, gen) -> np.ndarray:
+    """K actions per state: k - n_uniform from pi(.|s), then n_uniform uniform on the cube.
 
-    def __init__(self, capacity: int, alpha: float, eps: float):
-        self.capacity, self.alpha, self.eps = capacity, alpha, eps
+    The uniform share keeps a collapsed policy finding other basins (the narrow-line basin of
+    a real forest is ~1 % of the cube); its actions count in the rewards, the baselines and
+    the buffer, and enter the gradient with the weights of reinforce_loss. (K, B, 5) float64.
+    """
+    B = batch["mask"].shape[0]
+    with torch.no_grad():
+        u = net.sample(batch, k - n_uniform, generator=gen)[0].double().cpu()  # (k - n_u, B, 5)
+    uni = torch.rand(n_uniform, B, u.shape[-1], generator=gen, dtype=torch.float64)
+    return torch.cat([u, uni], 0).numpy()  # (K, B, 5)
+
+
+def reinforce_loss(logp, adv, w, frac_uniform: float, n_policy: int, ent_coef: float):
+    """The policy-gradient and entropy terms of one step (docs/method.md §6), as (pg, ent_term).
+
+    Members i < K were drawn from the mixture q = (1 - e) pi + e U(0, 1)^5 (e = frac_uniform,
+    the uniform density is 1 on the cube), member K is the state's best-known action (stored
+    best or truth). Balance-heuristic importance weights rho_i = pi(u_i) / q(u_i) <= 1 / (1 - e)
+    (detached) make the first term unbiased for the policy's own gradient; rho_K = 1:
+
+        pg = -(1/B) sum_b (w_b / n_b) sum_i rho_ib A_ib log pi(u_ib | s_b)
+
+    with A the leave-one-out advantages (0 where a member is missing), w_b the replay
+    importance weights and n_b the members present. The entropy term, over the policy's own
+    n_policy samples, is
+
+        ent_term = ent_coef * mean_ib (log pi_ib - mean log pi) log pi_ib   (log pi detached
+        in the first factor)
+
+    whose gradient is ent_coef * E[log pi grad log pi] = -ent_coef grad H(pi) (score function;
+    the mean is a baseline): minimising it raises the entropy.
+
+    Args:
+        logp: (K+1, B) log pi of every member. adv: (K+1, B). w: (B,) replay weights, divided
+            by the members present. frac_uniform: e. n_policy: members drawn from pi.
+    """
+    K = logp.shape[0] - 1
+    rho = torch.ones_like(logp)
+    if frac_uniform > 0:
+        lp = logp[:K].detach()
+        log_q = torch.logaddexp(
+            lp + math.log1p(-frac_uniform), torch.full_like(lp, math.log(frac_uniform))
+        )
+        rho[:K] = torch.exp(lp - log_q)
+    pg = -(w * (rho * adv * logp).sum(0)).mean()
+    lp_s = logp[:n_policy]
+    ent_term = ent_coef * ((lp_s.detach() - lp_s.detach().mean()) * lp_s).mean()
+    return pg, ent_term
+
+
+class ReplayBuffer:
+    """Prioritized replay (Schaul et al. 2016) of state ids with their best action and loss.
+
+    A replayed state's priority is p = min(lag, lag_cap) + eps (update): the floor eps keeps
+    every state drawable, the cap keeps one hopeless state (a lag of 1e3 after a false line)
+    from taking the whole buffer's probability mass.
+    """
+
+    def __init__(self, capacity: int, alpha: float, eps: float, lag_cap: float = 10.0):
+        self.capacity, self.alpha, self.eps, self.lag_cap = capacity, alpha, eps, lag_cap
         self.ids = np.zeros(capacity, dtype=np.int64)
         self.best_u = np.zeros((capacity, 5))
         self.best_loss = np.zeros(capacity)
@@ -307,7 +372,9 @@ class ReplayBuffer:
         w = (self.size * P[idx]) ** -beta / (self.size * P.min()) ** -beta
         return idx, w
 
-    def update(self, idx, priority, best_u, best_loss) -> None:
+    def update(self, idx, lag, best_u, best_loss) -> None:
+        """Slots idx get priority min(lag, lag_cap) + eps and their new best action and loss."""
+        priority = np.minimum(lag, self.lag_cap) + self.eps
         self.priority[idx], self.best_u[idx], self.best_loss[idx] = priority, best_u, best_loss
         self.max_priority = max(self.max_priority, float(np.max(priority)))
 
@@ -323,11 +390,20 @@ class ReplayBuffer:
         self.size, self.pos, self.max_priority = n, d["pos"], d["max_priority"]
 
 
+def spread(u: np.ndarray, face: float = 0.01) -> dict:
+    """Spread of policy samples u (n, B, 5) in the unit cube: per-dimension std (mean over the
+    states) and the fraction of coordinates within `face` of a box face (a collapse sign)."""
+    std = u.std(0).mean(0)  # (5,)
+    out = dict(zip(SPREAD_KEYS, map(float, std)))
+    out["eval_face"] = float(np.mean((u < face) | (u > 1.0 - face)))
+    return out
+
+
 def evaluate(net, states: list, rand_best: np.ndarray, box, cfg: Config, n: int = 50) -> tuple:
     """Best of n policy samples against the best of n uniform draws per state.
 
     Returns (fraction where the policy is lower by more than the resolution, mean of
-    (L_rand - L_pol) / (|L_rand| + |L_pol| + resolution), in [-1, 1]).
+    (L_rand - L_pol) / (|L_rand| + |L_pol| + resolution), in [-1, 1], spread of the samples).
     """
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
@@ -336,7 +412,7 @@ def evaluate(net, states: list, rand_best: np.ndarray, box, cfg: Config, n: int 
     pol = np.array([s["problem"](u[:, b]).min() for b, s in enumerate(states)])
     tol = np.array([cfg.resolution * LOSS_SCALE[cfg.loss](s) for s in states])  # ties below
     gain = (rand_best - pol) / (np.abs(rand_best) + np.abs(pol) + tol)
-    return float(np.mean(pol < rand_best - tol)), float(gain.mean())
+    return float(np.mean(pol < rand_best - tol)), float(gain.mean()), spread(u)
 
 
 def save_checkpoint(path: Path, net, mcfg, opt, step, buf, pool, next_id, rng, gen, best) -> None:
@@ -373,6 +449,12 @@ def main(cfg: Config) -> dict:
             f"command {cfg.command!r} / loss {cfg.loss!r} / shaping {cfg.shaping!r}: expected "
             f"train|export / {sorted(spectuner.LOSSES)} / {sorted(SHAPING)}"
         )
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r}: torch sees no CUDA device; use --device cpu")
+    if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ValueError(f"device {cfg.device!r}: expected cpu or cuda[:N]")
+    if not 0.0 <= cfg.explore_frac < 1.0:
+        raise ValueError(f"explore_frac {cfg.explore_frac}: expected 0 <= value < 1")
     # --- seed and device ---
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -408,7 +490,7 @@ def main(cfg: Config) -> dict:
     # --- model and optimiser ---
     net = model.PolicyNet(mcfg).to(cfg.device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    buf = ReplayBuffer(cfg.capacity, cfg.alpha, cfg.eps)
+    buf = ReplayBuffer(cfg.capacity, cfg.alpha, cfg.eps, cfg.lag_cap)
     step, next_id, pool_ids, best_score = 0, 0, [], -np.inf
     if cfg.resume and (run / "ckpt.pt").exists():
         ck = torch.load(run / "ckpt.pt", map_location=cfg.device, weights_only=True)
@@ -443,9 +525,9 @@ def main(cfg: Config) -> dict:
         states += [make_state(int(buf.ids[i]), 0, ctx, cfg) for i in rep_idx]
         B, n_fresh = len(states), len(states) - n_rep
         batch = model.collate([s["tokens"] for s in states], cfg.device)
-        with torch.no_grad():
-            u = net.sample(batch, K, generator=gen)[0].double().cpu().numpy()  # (K, B, 5)
-        losses = np.stack([s["problem"](u[:, b]) for b, s in enumerate(states)], 1)
+        n_uni = int(round(cfg.explore_frac * K))
+        u = draw_actions(net, batch, K, n_uni, gen)  # (K, B, 5): policy first, then uniform
+        losses = np.stack([s["problem"](u[:, b]) for b, s in enumerate(states)], 1)  # (K, B)
         # member K: a replayed state's stored best action (self imitation), a fresh synthetic
         # state's true parameters (use_truth, ours), else none
         u_all = np.concatenate([u, u[:1]], 0)  # (K+1, B, 5)
@@ -462,13 +544,18 @@ def main(cfg: Config) -> dict:
             res = cfg.resolution * LOSS_SCALE[cfg.loss](s)
             adv[valid[:, b], b] = loo_advantage(SHAPING[cfg.shaping](-l_all[valid[:, b], b], res))
         weights = np.concatenate([np.ones(n_fresh), w_is])  # importance weights (1 if fresh)
-        # --- REINFORCE step (METHOD §6) ---
-        logp = net.log_prob(torch.as_tensor(u_all, dtype=torch.float32, device=cfg.device), batch)
-        coef = torch.as_tensor(weights * 1.0 / valid.sum(0), dtype=torch.float32, device=cfg.device)
-        A = torch.as_tensor(adv * valid, dtype=torch.float32, device=cfg.device)
-        pg = -(coef * (A * logp).sum(0)).sum() / B
-        lp_s = logp[:K]
-        ent_term = cfg.ent_coef * ((lp_s.detach() - lp_s.detach().mean()) * lp_s).mean()
+        # --- REINFORCE step (docs/method.md §6; the equations in reinforce_loss) ---
+        dev = dict(dtype=torch.float32, device=cfg.device)
+        logp = net.log_prob(torch.as_tensor(u_all, **dev), batch)  # (K+1, B)
+        pg, ent_term = reinforce_loss(
+            logp,
+            torch.as_tensor(adv, **dev),
+            torch.as_tensor(weights / valid.sum(0), **dev),
+            n_uni / K,
+            K - n_uni,
+            cfg.ent_coef,
+        )
+        lp_s = logp[: K - n_uni]
         opt.zero_grad(set_to_none=True)
         (pg + ent_term).backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -477,7 +564,8 @@ def main(cfg: Config) -> dict:
         # --- buffer: new states at max priority; replayed ones get their lag as priority ---
         cols = np.arange(B)
         best_k = l_all.argmin(0)  # best of the K samples and member K
-        best_u, best_l, pol_best = u_all[best_k, cols], l_all[best_k, cols], losses.min(0)
+        best_u, best_l = u_all[best_k, cols], l_all[best_k, cols]
+        pol_best = losses[: K - n_uni].min(0)  # the policy's own best (lag, log)
         if cfg.per:
             for b in range(n_fresh):
                 buf.add(states[b]["sid"], best_u[b], best_l[b])
@@ -485,7 +573,7 @@ def main(cfg: Config) -> dict:
                 r = cols[n_fresh:]
                 scale = [LOSS_SCALE[cfg.loss](states[i]) for i in r]
                 lag = (pol_best[r] - best_l[r]) / (np.abs(best_l[r]) + scale)
-                buf.update(rep_idx, np.minimum(lag, 10.0) + cfg.eps, best_u[r], best_l[r])
+                buf.update(rep_idx, lag, best_u[r], best_l[r])
         # --- log, evaluate, checkpoint ---
         do_eval = cfg.eval_every and step % cfg.eval_every == 0 and evals
         if step % cfg.log_every == 0 or step == cfg.n_steps or do_eval:
@@ -497,9 +585,10 @@ def main(cfg: Config) -> dict:
             if do_eval:
                 for e, rb, kind in zip(evals, rand_best, kinds):
                     tag = ("train", "hold")[kind - 1]
-                    last[f"eval_win_{tag}"], last[f"eval_gain_{tag}"] = evaluate(
-                        net, e, rb, box, cfg
-                    )
+                    win, gain, sp = evaluate(net, e, rb, box, cfg)
+                    last[f"eval_win_{tag}"], last[f"eval_gain_{tag}"] = win, gain
+                    if kind == 1:  # spread on the fixed trained-molecule states
+                        last.update(sp)
                 score = np.mean([last[k] for k in EVAL_KEYS if "gain" in k and k in last])
                 if score > best_score:
                     best_score = float(score)
