@@ -1,11 +1,12 @@
-"""The Spectuner-D1 policy network: tokens, transformer encoder, autoregressive flow (docs/method.md §5).
+"""The Spectuner-D1 policy network: tokens, transformer encoder, autoregressive flow (method §5).
+"method §N" is a section of docs/method.md.
 
 Implements the policy pi(u | s) of Qiu et al. (arXiv:2511.21027): one token per transition of a
 molecule in reach of the observed windows (spectroscopic features plus a patch of the observed
 spectrum on a fixed velocity grid), one token with the molecule's partition function, a transformer
 encoder (RMSNorm, SwiGLU) whose CLS output is the context, and a conditional autoregressive
 normalising flow with a uniform base on the unit cube [0, 1]^P of the five LTE parameters
-(order and mapping to physical units: docs/method.md §3, done by the caller).
+(order and mapping to physical units: method §3, done by the caller).
 
 Shape letters: B batch, N transition tokens, T = N + 2 sequence length (CLS and partition-function
 token first), D d_model, H heads, L patch length, E patch-encoder width, P physical parameters (5),
@@ -59,7 +60,7 @@ class ModelConfig:
     T_scale_K: float = 1.0  # intensities enter as asinh(T / T_scale_K)
     peak_nsigma: float = 4.0  # peak flag threshold, in units of the rms
     Q_temps_K: tuple = (9.375, 18.75, 37.5, 75.0, 150.0, 300.0, 500.0, 1000.0)  # log10 Q at [K]
-    features: int = 5  # P, flow dimensions (unit cube of docs/method.md §3)
+    features: int = 5  # P, flow dimensions (unit cube of method §3)
     transforms: int = 2  # autoregressive spline transforms, alternating variable order
     bins: int = 16  # K, piecewise-quadratic bins per dimension
     hidden_features: tuple = (128, 128)  # hidden widths of each conditioner MLP
@@ -90,7 +91,7 @@ def _window_arrays(w) -> tuple:
 def _log10_proxy(lines: dict, T_K: float) -> np.ndarray:
     """log10(A g_u exp(-E_up / T) / freq^2): velocity-integrated optically thin LTE brightness.
 
-    Up to per-molecule factors, tau_v J(T) (1 - exp(-h nu / k T)) reduces to this (docs/method.md §2).
+    Up to per-molecule factors, tau_v J(T) (1 - exp(-h nu / k T)) reduces to this (method §2).
     """
     log10_Agu = np.log10(lines["A_s"] * lines["g_u"])
     return log10_Agu - lines["E_up_K"] / (T_K * math.log(10.0)) - 2.0 * np.log10(lines["freq_MHz"])
@@ -100,7 +101,7 @@ def _select(lines: dict, wins: list, cfg: ModelConfig) -> np.ndarray:
     """Indices of the transitions in reach of a window, strongest max_tokens kept, by frequency.
 
     A transition is in reach when its patch (rest frequency -+ v_width) overlaps a window.
-    Ranking (ours, docs/method.md §5): the intensity proxy at cfg.T_proxy_K, ties broken by frequency,
+    Ranking (ours, method §5): the intensity proxy at cfg.T_proxy_K, ties broken by frequency,
     so the same input always gives the same tokens (the reference samples at random).
     """
     freq = lines["freq_MHz"]
@@ -154,7 +155,7 @@ def _patches(freq_t: np.ndarray, wins: list, cfg: ModelConfig) -> np.ndarray:
 
 
 def make_tokens(windows: list, lines: dict, cfg: ModelConfig, dtype=torch.float32) -> dict:
-    """Tokens of one molecule observed in one or several windows (docs/method.md §5).
+    """Tokens of one molecule observed in one or several windows (method §5).
 
     Args:
         windows: dicts with keys freq_MHz (C,) rest-frame channel centres (either order), T_K (C,)

@@ -1,8 +1,9 @@
-"""Train the Spectuner-D1 policy: one-step REINFORCE with a prioritized replay buffer (docs/method.md §6).
+"""Train the Spectuner-D1 policy: one-step REINFORCE with a prioritized replay buffer (method §6).
+"method §N" is a section of docs/method.md.
 
 An episode is one step: a state s is (observed windows, target molecule), an action u ~ pi(.|s)
-is a point of the unit cube of the five LTE parameters (docs/method.md §3), the reward is -loss(u; s)
-(docs/method.md §4, peak matching by default). Per state K actions are drawn; the gradient is REINFORCE
+is a point of the unit cube of the five LTE parameters (method §3), the reward is -loss(u; s)
+(method §4, peak matching by default). Per state K actions are drawn; the gradient is REINFORCE
 with rewards standardised per state and a leave-one-out baseline (mean of the other K-1), plus an
 optional entropy bonus.
 
@@ -10,10 +11,10 @@ States: synthetic spectra from lte.spectrum (target with parameters drawn over t
 a fraction of states; 1-3 windows placed on the target's strong lines; channel widths 0.1-2 km/s;
 other molecules on top; Gaussian noise; varied T_bg and beams) and the real IRAS 16293-2422 B
 windows with CH3OH as target. States wait in a pool grouped by the number of peaks above 4 rms and
-are drawn group by group evenly (pixel binning, docs/method.md §6). Every state is a function of its id
+are drawn group by group evenly (pixel binning, method §6). Every state is a function of its id
 and cfg.seed, so the buffer and the checkpoint only keep ids.
 
-Prioritized replay (our design, docs/method.md §6): each used state enters the buffer with the best action
+Prioritized replay (our design, method §6): each used state enters the buffer with the best action
 found so far and its loss, at maximum priority. A step mixes fresh states with replayed ones,
 drawn with probability p_i^alpha / sum p^alpha and weighted by importance weights
 (N P(i))^-beta / max, beta annealed to 1. A replayed state gets K fresh samples plus its stored
@@ -160,7 +161,7 @@ def load_molecules(names: list, cfg: Config) -> dict:
 
 
 def load_real(folder: str, v_lsr_kms: float) -> list:
-    """Real windows (rest frame, docs/method.md §9) from SPEC files and windows.csv; [] if absent."""
+    """Real windows (rest frame, method §9) from SPEC files and windows.csv; [] if absent."""
     if not folder or not (Path(folder) / "windows.csv").exists():
         return []
     wins = []
@@ -278,7 +279,7 @@ SHAPING = {"rank": rank_utility, "raw": lambda r, resolution: r}
 
 
 def loo_advantage(r: np.ndarray) -> np.ndarray:
-    """Rewards (S,) standardised, minus the leave-one-out mean of the other S-1 (docs/method.md §6)."""
+    """Rewards (S,) standardised, minus the leave-one-out mean of the other S-1 (method §6)."""
     z = (r - r.mean()) / r.std() if r.std() > 1e-12 else np.zeros_like(r)
     return z - (z.sum() - z) / (len(z) - 1)
 
@@ -298,7 +299,7 @@ def draw_actions(net, batch: dict, k: int, n_uniform: int, gen) -> np.ndarray:
 
 
 def reinforce_loss(logp, adv, w, frac_uniform: float, n_policy: int, ent_coef: float):
-    """The policy-gradient and entropy terms of one step (docs/method.md §6), as (pg, ent_term).
+    """The policy-gradient and entropy terms of one step (method §6), as (pg, ent_term).
 
     Members i < K were drawn from the mixture q = (1 - e) pi + e U(0, 1)^5 (e = frac_uniform,
     the uniform density is 1 on the cube), member K is the state's best-known action (stored
@@ -544,7 +545,7 @@ def main(cfg: Config) -> dict:
             res = cfg.resolution * LOSS_SCALE[cfg.loss](s)
             adv[valid[:, b], b] = loo_advantage(SHAPING[cfg.shaping](-l_all[valid[:, b], b], res))
         weights = np.concatenate([np.ones(n_fresh), w_is])  # importance weights (1 if fresh)
-        # --- REINFORCE step (docs/method.md §6; the equations in reinforce_loss) ---
+        # --- REINFORCE step (method §6; the equations in reinforce_loss) ---
         dev = dict(dtype=torch.float32, device=cfg.device)
         logp = net.log_prob(torch.as_tensor(u_all, **dev), batch)  # (K+1, B)
         pg, ent_term = reinforce_loss(
