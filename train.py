@@ -75,6 +75,7 @@ class Config:
     paths: list[str] = dataclasses.field(default_factory=list)  # export: CKPT OUT
     run_dir: str = "runs/main"  # checkpoints, metrics.csv, config.json, best.pt
     resume: int = 0  # 1 = continue from run_dir/ckpt.pt
+    init: str = ""  # a policy file (e.g. data/policy.pt) whose weights start a new run; "" = none
     seed: int = 0  # seeds numpy, torch and every state
     device: str = "cpu"  # cpu or cuda[:N] (never required; an error if torch sees no GPU)
     threads: int = 1  # torch CPU threads
@@ -503,6 +504,12 @@ def main(cfg: Config) -> dict:
         rng.bit_generator.state = json.loads(ck["np_rng"])
         gen.set_state(ck["torch_gen"])
         print(f"resumed step={step} buf={len(buf)}")
+    elif cfg.init:  # fine-tune: the weights of an exported policy of the same sizes
+        init_net, init_cfg = model.load_policy(cfg.init, device=cfg.device)
+        if init_cfg != mcfg:
+            raise ValueError(f"--init {cfg.init}: its network {init_cfg} differs from {mcfg}")
+        net.load_state_dict(init_net.state_dict())
+        print(f"init={cfg.init}")
 
     def new_id():
         nonlocal next_id

@@ -255,3 +255,16 @@ def test_uniform_share_escapes_a_collapsed_policy():
         u = [train.draw_actions(net, batch, 16, n_uni, gen)[:, 0] for _ in range(5)]
         hits.append(sum(int(x[np.argmin(better(x)), 0] > 0.5) for x in u))
     assert hits[0] <= 1 and hits[1] >= 4, hits
+
+
+def test_init_starts_a_run_from_an_exported_policy(tmp_path):
+    a = _tiny(tmp_path / "a", n_steps=2, eval_every=0)
+    train.main(a)
+    train.export(str(Path(a.run_dir) / "ckpt.pt"), str(tmp_path / "a.pt"))
+    b = _tiny(tmp_path / "b", n_steps=1, eval_every=0, lr=0.0, init=str(tmp_path / "a.pt"))
+    train.main(b)  # lr 0: the weights stay those it started from
+    start = torch.load(tmp_path / "a.pt", weights_only=True)["state_dict"]
+    after = torch.load(Path(b.run_dir) / "ckpt.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(start[k], after[k]) for k in start)
+    with pytest.raises(ValueError, match="differs"):
+        train.main(_tiny(tmp_path / "c", d_model=8, init=str(tmp_path / "a.pt")))
