@@ -1,6 +1,7 @@
 """Benchmarks: figures for the README, printed as `key=value` lines.
 
 python bench.py lte [--ref_python PY]  # forward model vs the reference (issues 2, 10)
+python bench.py problem  # the loss at the cost of its lines vs on every channel (issue 10)
 python bench.py fit      # wall time and nfev per fit on the IRAS 16293-2422 B windows (issue 3)
 python bench.py recover  # how often each optimiser recovers synthetic CH3OH truths (issue 3)
 python bench.py cube     # cube fitting throughput (issue 4)
@@ -121,6 +122,46 @@ def bench_lte(ref_python: str = "") -> None:
 
 
 BENCHES["lte"] = bench_lte
+
+
+def bench_problem() -> None:
+    """The fitting problem's loss on the channels the lines reach against the same loss from
+    models on every channel (issue 10), on the 10 IRAS 16293-2422 B windows with CH3OH: CPU
+    seconds per batch of 50 (over the whole box, and near the fit), and the largest relative
+    difference (the test asks for 1e-9)."""
+    import csv
+
+    import problem
+
+    folder = SHARED / "spectra" / "iras16293b"
+    wins = []
+    with open(folder / "windows.csv") as fh:
+        for row in csv.DictReader(fh):
+            f, T = np.loadtxt(folder / f"spw{row['spw']}.dat", unpack=True)
+            wins.append(problem.Window(f, T, float(row["rms_K"]), float(row["T_bg_K"]),
+                                       float(row["beam_fwhm_arcsec"])))  # fmt: skip
+    box = problem.make_box(["CH3OH"])
+    rng = np.random.default_rng(0)
+    near = problem.to_unit(np.array([[0.5, 150.0, 1e17, 0.7, -0.1]]), box)
+    sets = {
+        "box": rng.random((50, 5)),
+        "near_fit": np.clip(near + rng.normal(0, 0.02, (50, 5)), 0, 1),
+    }
+    for loss in ("pm", "chi2"):
+        fit = problem.Problem(wins, [lte.load_molecule("CH3OH")], box, loss, v_lsr_kms=2.7)
+        for name, U in sets.items():
+            t0 = time.process_time()
+            sparse = fit(U)
+            t1 = time.process_time()
+            dense = fit.loss_dense(U)
+            t2 = time.process_time()
+            rel = np.max(np.abs(sparse - dense) / np.abs(dense))
+            print(f"loss={loss} set={name} batch=50 touched_cpu_s={t1 - t0:.4f} "
+                  f"all_channels_cpu_s={t2 - t1:.4f} ratio={(t2 - t1) / (t1 - t0):.1f} "
+                  f"max_rel_diff={rel:.1e}", flush=True)  # fmt: skip
+
+
+BENCHES["problem"] = bench_problem
 
 
 def bench_fit() -> None:
