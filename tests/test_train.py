@@ -268,3 +268,22 @@ def test_init_starts_a_run_from_an_exported_policy(tmp_path):
     assert all(torch.equal(start[k], after[k]) for k in start)
     with pytest.raises(ValueError, match="differs"):
         train.main(_tiny(tmp_path / "c", d_model=8, init=str(tmp_path / "a.pt")))
+
+
+def test_held_out_real_windows_never_enter_training(shared_data):
+    folder = str(shared_data / "spectra" / "iras16293b")
+    every = train.load_real(folder, 2.7)
+    kept = train.load_real(folder, 2.7, train.REAL_HOLDOUT)
+    assert len(every) == 10 and len(kept) == 10 - len(train.REAL_HOLDOUT)
+    cfg = train.Config()
+    assert tuple(cfg.real_holdout) == train.REAL_HOLDOUT  # the default holds them out
+    starts = {float(w.freq_MHz[0]) for w in kept}
+    held = [w for w in every if float(w.freq_MHz[0]) not in starts]
+    assert len(held) == len(train.REAL_HOLDOUT)
+    ctx = dict(train={"CH3OH": lte.load_molecule("CH3OH")}, hold={}, real=kept,
+               box=spectuner.make_box(["t"]), mcfg=model.ModelConfig(max_tokens=8))  # fmt: skip
+    tcfg = _tiny(Path(folder), real_frac=1.0)
+    for sid in range(20):  # every real state is made of training windows only
+        state = train.make_state(sid, 0, ctx, tcfg)
+        firsts = {float(w.freq_MHz[0]) for w in state["problem"].windows}
+        assert state["real"] and firsts <= starts
