@@ -220,8 +220,23 @@ def synthetic_windows(rng, target, others: list, box: dict, cfg: Config) -> tupl
 
 
 def make_state(sid: int, kind: int, ctx: dict, cfg: Config) -> dict:
-    """State number sid of a stream (kind 0 training, 1 eval trained, 2 eval held-out)."""
-    rng = np.random.default_rng([cfg.seed, kind, sid])
+    """State number sid of a stream (kind 0 training, 1 eval trained, 2 eval held-out).
+
+    A draw whose target has no line within reach of its windows (a window at the edge of the
+    catalogue's range) is drawn again from the next seed, up to 8 times.
+    """
+    for attempt in range(8):
+        try:
+            return _draw_state(sid, kind, ctx, cfg, attempt)
+        except ValueError as err:
+            if "has no line within" not in str(err) or attempt == 7:
+                raise
+
+
+def _draw_state(sid: int, kind: int, ctx: dict, cfg: Config, attempt: int) -> dict:
+    """One draw of make_state; attempt 0 is the state's own seed."""
+    seed = [cfg.seed, kind, sid] + ([attempt] if attempt else [])
+    rng = np.random.default_rng(seed)
     targets = ctx["hold"] if kind == 2 else ctx["train"]
     real = kind != 2 and bool(ctx["real"]) and "CH3OH" in targets and rng.random() < cfg.real_frac
     if real:

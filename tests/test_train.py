@@ -287,3 +287,19 @@ def test_held_out_real_windows_never_enter_training(shared_data):
         state = train.make_state(sid, 0, ctx, tcfg)
         firsts = {float(w.freq_MHz[0]) for w in state["problem"].windows}
         assert state["real"] and firsts <= starts
+
+
+def test_a_state_without_lines_in_reach_is_drawn_again(monkeypatch):
+    calls = []
+
+    def draw(sid, kind, ctx, cfg, attempt):
+        calls.append(attempt)
+        if attempt < 2:
+            raise ValueError("molecule X has no line within 114 km/s of the windows")
+        return dict(sid=sid, attempt=attempt)
+
+    monkeypatch.setattr(train, "_draw_state", draw)
+    assert train.make_state(5, 0, {}, train.Config())["attempt"] == 2 and calls == [0, 1, 2]
+    monkeypatch.setattr(train, "_draw_state", lambda *a: (_ for _ in ()).throw(ValueError("bad")))
+    with pytest.raises(ValueError, match="bad"):  # other errors are not hidden
+        train.make_state(5, 0, {}, train.Config())
