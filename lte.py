@@ -141,14 +141,21 @@ def line_layout(freq_MHz, mol: Molecule, params) -> dict:
     return out
 
 
+def _line_reach(layout: dict) -> tuple[np.ndarray, np.ndarray]:
+    """First and last channel (B, L) of the 2K+1 sub-channels around each line's centre,
+    unclipped: what _average_channels touches."""
+    n, K = layout["n_sub"][:, None], layout["K"][:, None]
+    j0 = np.floor(layout["x"] * n)  # centre sub-channel, (B, L)
+    return np.floor_divide(j0 - K, n), np.floor_divide(j0 + K, n)
+
+
 def touched_channels(layout: dict) -> tuple[np.ndarray, np.ndarray]:
     """First and last channel (inclusive) each line of each row can change, for the lines
     that touch the window at all: (lo, hi) flat int arrays. Outside them the model is 0."""
     if layout["L"] == 0:
         return np.empty(0, dtype=int), np.empty(0, dtype=int)
-    n, K, C = layout["n_sub"][:, None], layout["K"][:, None], layout["f"].size
-    j0 = np.floor(layout["x"] * n)  # centre sub-channel, (B, L)
-    lo, hi = np.floor_divide(j0 - K, n), np.floor_divide(j0 + K, n)
+    C = layout["f"].size
+    lo, hi = _line_reach(layout)
     keep = (hi >= 0) & (lo <= C - 1)
     return np.clip(lo[keep], 0, C - 1).astype(int), np.clip(hi[keep], 0, C - 1).astype(int)
 
@@ -217,9 +224,8 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
     out = np.zeros((len(P), idx.size))
     if layout["L"] == 0 or idx.size == 0:
         return out
-    n, K = layout["n_sub"][:, None], layout["K"][:, None]
-    j0 = np.floor(layout["x"] * n)
-    lo, hi = np.floor_divide(j0 - K, n), np.floor_divide(j0 + K, n)  # channels a line touches
+    lo, hi = _line_reach(layout)  # channels a line touches
+    K = layout["K"][:, None]
     cols = np.flatnonzero(((hi >= 0) & (lo <= C - 1)).any(axis=0))  # lines that reach at all
     x, s_all, tau_all = (layout[k][:, cols] for k in ("x", "s", "tau"))
     if channels is not None:  # move each line by a whole number of channels onto `idx`
