@@ -38,7 +38,6 @@ import uuid
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
-from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -648,9 +647,9 @@ def upper_limit_maps(S: dict, maps: dict) -> tuple[np.ndarray, dict]:
             )  # others: the fit, or absent
             X[5 * k : 5 * k + 5] = ref
             windows = pixel_windows(S, y, x, maps["rms"][y, x])
-            resid_x = partial(spectuner.noise_residuals, windows, S["mols"],
-                              v_lsr_kms=kw["v_lsr_kms"], dish_m=kw["dish_m"])  # fmt: skip
-            try:
+            try:  # one problem per pixel, evaluated along the whole N_tot scan
+                resid_x = spectuner.residuals_at(windows, S["mols"], X, kw["v_lsr_kms"],
+                                                 kw["dish_m"])  # fmt: skip
                 upper[k, y, x] = spectuner.detect_and_limit(resid_x, X, k, box)["N_tot_upper"]
             except ValueError:  # no line of the molecule within reach of this pixel's windows
                 continue

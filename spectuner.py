@@ -585,15 +585,20 @@ def bound_notes(u: np.ndarray, box: dict, tol: float = AT_BOUND_TOL) -> tuple[di
     return flags, notes
 
 
-def noise_residuals(windows, molecules, X, v_lsr_kms: float = 0.0, dish_m=None) -> np.ndarray:
-    """(T_obs - T_model) / rms over all channels of the windows at physical X (B, 5 k) -> (B, M)
-    (Problem.resid_x, with a box that holds X)."""
+def residuals_at(windows, molecules, X, v_lsr_kms: float = 0.0, dish_m=None):
+    """Problem.resid_x, X (B, 5 k) physical -> (T_obs - T_model) / rms (B, M), of a problem
+    whose box holds X's widths and offsets: built once, for scans that vary N_tot only."""
     X = np.atleast_2d(X)
     v, fwhm = np.abs(X[:, 4::5]).max(), X[:, 3::5]
     box = make_box([m.name for m in molecules], {
         "v_off": (-max(v, 12.0), max(v, 12.0)),
         "delta_v": (min(fwhm.min(), 0.3), max(fwhm.max(), 30.0) * 1.001)})  # fmt: skip
-    return Problem(windows, molecules, box, "chi2", v_lsr_kms, dish_m).resid_x(X)
+    return Problem(windows, molecules, box, "chi2", v_lsr_kms, dish_m).resid_x
+
+
+def noise_residuals(windows, molecules, X, v_lsr_kms: float = 0.0, dish_m=None) -> np.ndarray:
+    """(T_obs - T_model) / rms over all channels of the windows at physical X (B, 5 k) -> (B, M)."""
+    return residuals_at(windows, molecules, X, v_lsr_kms, dish_m)(X)
 
 
 def detect_and_limit(resid_x, X: np.ndarray, k: int, box: dict, n_sigma: float = LIMIT_SIGMA,
