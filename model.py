@@ -42,6 +42,7 @@ LOG10_PROXY = (-14.0, 3.0)  # log10 of the intensity proxy (see _log10_proxy)
 LOG10_Q = (3.0, 1.5)  # log10 Q(T)
 N_SPEC = 6  # spectroscopic features per transition token
 N_PATCH = 7  # patch channels, see _patches
+N_FINE = 3  # fine patch channels, see _fine_patches
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class ModelConfig:
     ff_hidden: int = 256  # SwiGLU hidden width
     patch_len: int = 128  # velocity grid points L per patch
     v_width_kms: float = 150.0  # patch half-width [km/s] and reach of a transition
+    fine_len: int = 160  # bins L_f of the fine patch; 0 = none (policy files made before it)
+    fine_width_kms: float = 20.0  # fine patch half-width [km/s]: |v_off| <= 12 plus a few FWHM
     patch_channels: int = 32  # width E of the 1-D conv patch encoder
     max_tokens: int = 128  # most transition tokens kept per molecule
     T_proxy_K: float = 150.0  # temperature of the intensity proxy that ranks transitions [K]
@@ -154,6 +157,53 @@ def _patches(freq_t: np.ndarray, wins: list, cfg: ModelConfig) -> np.ndarray:
     return out
 
 
+def _fine_patches(freq_t: np.ndarray, wins: list, cfg: ModelConfig) -> np.ndarray:
+    """Observed spectrum near each transition in fine velocity bins, (N,) -> (N, N_FINE, L_f).
+
+    The coarse patch spaces its points 2.4 km/s apart, wider than the 0.3-2 km/s lines the box
+    allows; these bins are 2 fine_width / fine_len wide (0.25 km/s by default) over |v| <=
+    fine_width, the reach of the box's v_off plus a few FWHM (issue 12; ours). Channels: 0 the
+    largest and 1 the smallest asinh(T / T_scale) of the native channels in a bin (a narrow
+    peak between grid points is kept, not interpolated away), linear interpolation at the bin
+    centre when no native channel falls in it; 2 in-window mask. Where windows overlap, the
+    later one wins, as in _patches.
+    """
+    L, W = cfg.fine_len, cfg.fine_width_kms
+    dv = 2.0 * W / L
+    v_c = -W + dv * (np.arange(L) + 0.5)  # bin centres [km/s]
+    grid = freq_t[:, None] * (1.0 - v_c[None, :] / C_KMS)  # (N, L_f) rest frequencies [MHz]
+    out = np.zeros((freq_t.size, N_FINE, L))
+    for f, T, _rms, _T_bg, _beam in wins:
+        valid = np.isfinite(T)
+        T0 = np.where(valid, T, 0.0)
+        inside = (grid >= f[0]) & (grid <= f[-1])  # (N, L_f)
+        mask = inside * np.interp(grid, f, valid.astype(float))
+        centre = np.arcsinh(np.interp(grid, f, T0) / cfg.T_scale_K)  # (N, L_f)
+        hi_pool, lo_pool = np.full_like(centre, -np.inf), np.full_like(centre, np.inf)
+        # Native channels within the fine reach of each transition, flattened: (n,) pairs.
+        lo = np.searchsorted(f, freq_t * (1.0 - W / C_KMS), side="left")
+        hi = np.searchsorted(f, freq_t * (1.0 + W / C_KMS), side="right")
+        count = hi - lo
+        tok = np.repeat(np.arange(freq_t.size), count)
+        chan = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        chan += np.repeat(lo, count)
+        keep = valid[chan]
+        tok, chan = tok[keep], chan[keep]
+        j = np.floor((C_KMS * (1.0 - f[chan] / freq_t[tok]) + W) / dv).astype(int)
+        ok = (j >= 0) & (j < L)
+        tok, chan, j = tok[ok], chan[ok], j[ok]
+        a = np.arcsinh(T0[chan] / cfg.T_scale_K)
+        np.maximum.at(hi_pool, (tok, j), a)
+        np.minimum.at(lo_pool, (tok, j), a)
+        empty = ~np.isfinite(hi_pool)
+        rows = np.where(inside[:, None, :], 0.0, out)  # (N, N_FINE, L_f), this window replaces
+        rows[:, 0] = mask * np.where(empty, centre, hi_pool)
+        rows[:, 1] = mask * np.where(empty, centre, lo_pool)
+        rows[:, 2] = mask
+        out = rows
+    return out
+
+
 def make_tokens(windows: list, lines: dict, cfg: ModelConfig, dtype=torch.float32) -> dict:
     """Tokens of one molecule observed in one or several windows (method §5).
 
@@ -169,8 +219,9 @@ def make_tokens(windows: list, lines: dict, cfg: ModelConfig, dtype=torch.float3
 
     Returns:
         dict of tensors: spec (N, N_SPEC) standardised [log10 A, log10 g_u, asinh E_low,
-        asinh E_up, log10 freq, log10 proxy]; patch (N, N_PATCH, L); logq (n_T,) standardised
-        log10 Q; freq_MHz (N,) float64, the transitions' rest frequencies, ascending.
+        asinh E_up, log10 freq, log10 proxy]; patch (N, N_PATCH, L); fine (N, N_FINE, L_f), only
+        when cfg.fine_len > 0; logq (n_T,) standardised log10 Q; freq_MHz (N,) float64, the
+        transitions' rest frequencies, ascending.
 
     Raises:
         ValueError: if log10_Q does not match cfg.Q_temps_K or a window's arrays are malformed.
@@ -192,27 +243,34 @@ def make_tokens(windows: list, lines: dict, cfg: ModelConfig, dtype=torch.float3
         (_log10_proxy(sel, cfg.T_proxy_K), LOG10_PROXY),
     ]
     spec = np.stack([(x - c) / s for x, (c, s) in std], axis=-1).reshape(-1, N_SPEC)  # (N, 6)
-    return {
+    out = {
         "spec": torch.as_tensor(spec, dtype=dtype),
         "patch": torch.as_tensor(_patches(sel["freq_MHz"], wins, cfg), dtype=dtype),
         "logq": torch.as_tensor((log10_Q - LOG10_Q[0]) / LOG10_Q[1], dtype=dtype),
         "freq_MHz": torch.as_tensor(sel["freq_MHz"], dtype=torch.float64),
     }
+    if cfg.fine_len > 0:
+        out["fine"] = torch.as_tensor(_fine_patches(sel["freq_MHz"], wins, cfg), dtype=dtype)
+    return out
 
 
 def collate(tokens: list, device=None) -> dict:
     """Pad a list of make_tokens outputs to one batch.
 
     Returns:
-        dict: spec (B, N, N_SPEC), patch (B, N, N_PATCH, L), logq (B, n_T), mask (B, N) bool,
-        True for real tokens; N = max(1, longest token list), padding is zeros.
+        dict: spec (B, N, N_SPEC), patch (B, N, N_PATCH, L), fine (B, N, N_FINE, L_f) when the
+        tokens have it, logq (B, n_T), mask (B, N) bool, True for real tokens; N = max(1,
+        longest token list), padding is zeros.
     """
     B, N = len(tokens), max(1, max(t["spec"].shape[0] for t in tokens))
-    out = {k: tokens[0][k].new_zeros((B, N) + tokens[0][k].shape[1:]) for k in ("spec", "patch")}
+    keys = [k for k in ("spec", "patch", "fine") if k in tokens[0]]
+    out = {k: tokens[0][k].new_zeros((B, N) + tokens[0][k].shape[1:]) for k in keys}
     out["mask"] = torch.zeros(B, N, dtype=torch.bool)  # (B, N)
     for b, t in enumerate(tokens):
         n = t["spec"].shape[0]
-        out["spec"][b, :n], out["patch"][b, :n], out["mask"][b, :n] = t["spec"], t["patch"], True
+        for k in keys:
+            out[k][b, :n] = t[k]
+        out["mask"][b, :n] = True
     out["logq"] = torch.stack([t["logq"] for t in tokens])  # (B, n_T)
     return {k: v.to(device) for k, v in out.items()}
 
@@ -271,9 +329,9 @@ class PatchEncoder(nn.Module):
     A cheaper stand-in for the reference's attention within each patch: (M, N_PATCH, L) -> (M, E').
     """
 
-    def __init__(self, L: int, width: int):
+    def __init__(self, L: int, width: int, channels: int = N_PATCH):
         super().__init__()
-        chans = (N_PATCH, width // 2, width, width)
+        chans = (channels, width // 2, width, width)
         self.convs = nn.ModuleList(
             nn.Conv1d(a, b, kernel_size=5, stride=2, padding=2) for a, b in zip(chans, chans[1:])
         )
@@ -293,6 +351,13 @@ class Encoder(nn.Module):
         D = cfg.d_model
         self.patch = PatchEncoder(cfg.patch_len, cfg.patch_channels)
         self.embed = nn.Linear(self.patch.out_features + N_SPEC, D)
+        if cfg.fine_len > 0:
+            self.fine = PatchEncoder(cfg.fine_len, cfg.patch_channels, N_FINE)
+            # Zero at the start, so a network made before the fine patch, loaded into this one,
+            # proposes exactly what it did and learns to use the fine bins (model.upgrade).
+            self.embed_fine = nn.Linear(self.fine.out_features, D)
+            nn.init.zeros_(self.embed_fine.weight)
+            nn.init.zeros_(self.embed_fine.bias)
         self.embed_q = nn.Linear(len(cfg.Q_temps_K), D)
         self.cls = nn.Parameter(0.02 * torch.randn(D))
         self.blocks = nn.ModuleList(
@@ -306,6 +371,10 @@ class Encoder(nn.Module):
         feats = spec.new_zeros(B, N, self.patch.out_features)  # (B, N, E')
         feats[mask] = self.patch(batch["patch"][mask])  # real tokens only: (M, E')
         tok = self.embed(torch.cat([feats, spec], -1))  # (B, N, D)
+        if hasattr(self, "fine"):
+            fine = spec.new_zeros(B, N, self.fine.out_features)  # (B, N, E_f')
+            fine[mask] = self.fine(batch["fine"][mask])  # (M, E_f')
+            tok = tok + self.embed_fine(fine)  # (B, N, D)
         q = self.embed_q(batch["logq"])[:, None]  # (B, 1, D)
         x = torch.cat([self.cls.expand(B, 1, -1), q, tok], 1)  # (B, T, D)
         keep = torch.cat([mask.new_ones(B, 2), mask], 1)  # (B, T)
@@ -491,7 +560,26 @@ def load_policy(path, device="cpu") -> tuple:
     """Read a file written by save_policy: returns (PolicyNet in eval mode, ModelConfig)."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()}
+    config.setdefault("fine_len", 0)  # files written before the fine patch have none
     cfg = ModelConfig(**config)
     net = PolicyNet(cfg).to(device)
     net.load_state_dict(ckpt["state_dict"])
     return net.eval(), cfg
+
+
+def upgrade(net: PolicyNet, cfg: ModelConfig) -> PolicyNet:
+    """A network of cfg holding the weights of net, a policy without the fine patch.
+
+    The fine patch's embedding starts at zero, so the result proposes exactly what net does.
+
+    Raises:
+        ValueError: if the two networks differ in anything but the fine patch.
+    """
+    new = PolicyNet(cfg).to(next(net.parameters()).device)
+    same = dataclasses.replace(net.cfg, fine_len=cfg.fine_len, fine_width_kms=cfg.fine_width_kms)
+    if same != cfg:
+        raise ValueError(f"cannot upgrade a policy of {net.cfg} to {cfg}: they differ in more")
+    missing, unexpected = new.load_state_dict(net.state_dict(), strict=False)
+    fine = ("encoder.fine.", "encoder.embed_fine.")
+    assert not unexpected and all(k.startswith(fine) for k in missing), (missing, unexpected)
+    return new

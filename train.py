@@ -25,7 +25,8 @@ imitation). Priority = relative lag of the current policy's best sample behind t
 turns the buffer off (fresh states only).
 A fresh synthetic state's true parameters join its set the same way, as member K+1 and as the
 first stored best when they beat the samples (ours; `--use_truth 0` turns this off); real states
-have no truth. Rewards are rank-shaped before standardisation (`--shaping raw` keeps -loss).
+have no truth, and a stored global-search answer (`train.py real_best`, data/real_best.json)
+takes its place. Rewards are rank-shaped before standardisation (`--shaping raw` keeps -loss).
 Exploration (issue 12): a share explore_frac of each state's K samples is uniform over the
 cube; all K enter the rewards, baselines and the buffer's best action, and the gradient with
 balance-heuristic weights pi / ((1 - e) pi + e) (see reinforce_loss). Evaluation logs the
@@ -72,7 +73,8 @@ HOLDOUT = ("CH3OCHO", "CH3OCH3", "C2H3CN", "OCS-34")  # never trained on (nor in
 
 @dataclasses.dataclass
 class Config:
-    command: str = "train"  # train, or export (CKPT OUT: checkpoint -> policy file)
+    command: str = "train"  # train; export (CKPT OUT: checkpoint -> policy file); real_best
+    # (OUT: a global search on the real training windows, the known answer of real states)
     paths: list[str] = dataclasses.field(default_factory=list)  # export: CKPT OUT
     run_dir: str = "runs/main"  # checkpoints, metrics.csv, config.json, best.pt
     resume: int = 0  # 1 = continue from run_dir/ckpt.pt
@@ -104,6 +106,7 @@ class Config:
     catalog: str = "../shared/data/catalogs"  # folder of .cat files; CH3OH is bundled
     real_dir: str = "../shared/data/spectra/iras16293b"  # real windows; "" = none
     real_frac: float = 0.15  # fraction of fresh states from the real spectra
+    real_best: str = "data/real_best.json"  # known CH3OH answer of real states ("" = none)
     real_holdout: list[str] = dataclasses.field(default_factory=lambda: list(REAL_HOLDOUT))
     # spw numbers of the real windows never trained on (evaluate.py's real group fits them)
     forest_frac: float = 0.7  # fraction of the other fresh states from forest.py line forests
@@ -124,6 +127,7 @@ class Config:
     d_model: int = 128  # policy width (ModelConfig)
     n_layers: int = 3  # transformer blocks
     max_tokens: int = 64  # transition tokens per molecule
+    fine_len: int = 160  # fine patch bins (ModelConfig); 0 = none, as in policies before it
     hidden: int = 128  # flow conditioner width
     n_eval: int = 32  # evaluation states per set (trained molecules, held-out ones)
     eval_every: int = 250  # steps between evaluations (0 = never)
@@ -242,7 +246,7 @@ def _draw_state(sid: int, kind: int, ctx: dict, cfg: Config, attempt: int) -> di
     if real:
         name = "CH3OH"
         pick = rng.choice(len(ctx["real"]), int(rng.integers(1, 4)), replace=False)
-        wins, u_true = [ctx["real"][i] for i in sorted(pick)], None
+        wins, u_true = [ctx["real"][i] for i in sorted(pick)], ctx.get("real_u")
     elif ctx.get("forest") and rng.random() < cfg.forest_frac:
         return forest_state(sid, kind, rng, ctx, cfg)
     else:
@@ -460,12 +464,65 @@ def export(ckpt_path: str, out_path: str) -> None:
     print(f"exported {ckpt_path} -> {out_path} params={sum(p.numel() for p in net.parameters())}")
 
 
+def real_best(cfg: Config, out_path: str, restarts: int = 3) -> dict:
+    """The best-known CH3OH answer on the real training windows, written to out_path (JSON).
+
+    Real states have no truth (issue 12): the best of `restarts` pso+slsqp searches (seeds 0..)
+    on all real training windows together, at the pm optimum (no chi2 refinement), stands in
+    for it. Every real state is a subset of these windows of one source, so this answer is in
+    the right basin of each. Its unit-cube point joins a real state's set as the truth of a
+    synthetic one does.
+    """
+    wins = load_real(cfg.real_dir, cfg.v_lsr, cfg.real_holdout)  # rest frame
+    if not wins:
+        raise ValueError(f"real_best: no real windows in {cfg.real_dir!r} (windows.csv)")
+    mol = load_molecules(["CH3OH"], cfg)["CH3OH"]  # as the real states have it
+    fits = [spectuner.fit_spectrum(wins, [mol], method="pso+slsqp", loss=cfg.loss, seed=seed,
+                                   chi2_refine=False) for seed in range(restarts)]  # fmt: skip
+    best = min(fits, key=lambda r: r["loss"])
+    spws = sorted(set(_real_spws(cfg.real_dir)) - set(map(str, cfg.real_holdout)), key=int)
+    out = dict(molecule="CH3OH", params=best["params"]["CH3OH"], loss=best["loss"],
+               loss_name=cfg.loss, spw=spws, v_lsr_kms=cfg.v_lsr, restarts=restarts,
+               losses=[r["loss"] for r in fits], nfev=sum(r["nfev"] for r in fits),
+               command=f"python train.py real_best {out_path}")  # fmt: skip
+    Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"real_best loss={best['loss']:.4g} params={best['params']['CH3OH']} -> {out_path}")
+    return out
+
+
+def _real_spws(folder: str) -> list:
+    """spw numbers listed in folder/windows.csv."""
+    with open(Path(folder) / "windows.csv") as fh:
+        return [row["spw"] for row in csv.DictReader(fh)]
+
+
+def load_real_best(cfg: Config, box: dict):
+    """Unit-cube point (5,) of cfg.real_best, or None (with the reason printed) if unusable."""
+    path = Path(cfg.real_best) if cfg.real_best else None
+    if path is None or not path.exists():
+        print(f"skip=real_best reason='{cfg.real_best or 'none given'} is absent'")
+        return None
+    rec = json.loads(path.read_text())
+    train_spws = sorted(set(_real_spws(cfg.real_dir)) - set(map(str, cfg.real_holdout)), key=int)
+    if rec["spw"] != train_spws or rec["loss_name"] != cfg.loss:
+        print(f"skip=real_best reason='{path} is for spw {rec['spw']} / {rec['loss_name']}, "
+              f"training on {train_spws} / {cfg.loss}'")  # fmt: skip
+        return None
+    x = np.array([[rec["params"][p] for p in spectuner.PARAM_NAMES]])
+    return spectuner.to_unit(x, box)[0]
+
+
 def main(cfg: Config) -> dict:
-    """Train (or export); returns the last logged metrics."""
+    """Train (or export, or real_best); returns the last logged metrics."""
     if cfg.command == "export":
         if len(cfg.paths) != 2:
             raise ValueError(f"export needs CKPT OUT, got {cfg.paths}")
         export(*cfg.paths)
+        return {}
+    if cfg.command == "real_best":
+        if len(cfg.paths) != 1:
+            raise ValueError(f"real_best needs OUT, got {cfg.paths}")
+        real_best(cfg, cfg.paths[0])
         return {}
     if cfg.command != "train" or cfg.loss not in spectuner.LOSSES or cfg.shaping not in SHAPING:
         raise ValueError(
@@ -488,6 +545,7 @@ def main(cfg: Config) -> dict:
     mcfg = model.ModelConfig(
         d_model=cfg.d_model, n_layers=cfg.n_layers, ff_hidden=2 * cfg.d_model,
         max_tokens=cfg.max_tokens, hidden_features=(cfg.hidden, cfg.hidden),
+        fine_len=cfg.fine_len,
     )  # fmt: skip
     # --- data: molecules, real windows, state pool binned by peak count (§6) ---
     if set(cfg.molecules) & set(cfg.holdout):
@@ -498,6 +556,7 @@ def main(cfg: Config) -> dict:
     real = load_real(cfg.real_dir, cfg.v_lsr, cfg.real_holdout)
     ctx = dict(train=load_molecules(cfg.molecules, cfg), hold=load_molecules(cfg.holdout, cfg),
                real=real, box=box, mcfg=mcfg)  # fmt: skip
+    ctx["real_u"] = load_real_best(cfg, box) if real else None
     if not ctx["train"]:
         raise ValueError(f"none of the training molecules {cfg.molecules} could be loaded")
     if cfg.forest_frac > 0 and cfg.catalog and Path(cfg.catalog).is_dir():
@@ -518,6 +577,11 @@ def main(cfg: Config) -> dict:
     step, next_id, pool_ids, best_score = 0, 0, [], -np.inf
     if cfg.resume and (run / "ckpt.pt").exists():
         ck = torch.load(run / "ckpt.pt", map_location=cfg.device, weights_only=True)
+        has_fine = any(".fine." in k for k in ck["state_dict"])
+        if has_fine != (cfg.fine_len > 0):
+            raise ValueError(f"--resume {run / 'ckpt.pt'}: its network has "
+                             f"{'a' if has_fine else 'no'} fine patch; run with --fine_len "
+                             f"{'160' if has_fine else '0'}")  # fmt: skip
         net.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         buf.load_state_dict(ck["buffer"])
@@ -528,6 +592,11 @@ def main(cfg: Config) -> dict:
         print(f"resumed step={step} buf={len(buf)}")
     elif cfg.init:  # fine-tune: the weights of an exported policy of the same sizes
         init_net, init_cfg = model.load_policy(cfg.init, device=cfg.device)
+        if init_cfg.fine_len == 0 and mcfg.fine_len > 0:  # starts as init_net, learns the bins
+            try:
+                init_net, init_cfg = model.upgrade(init_net, mcfg), mcfg
+            except ValueError:
+                pass  # reported below with both networks
         if init_cfg != mcfg:
             raise ValueError(f"--init {cfg.init}: its network {init_cfg} differs from {mcfg}")
         net.load_state_dict(init_net.state_dict())
@@ -644,7 +713,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     """Config from the command line: one option per field, help from its comment."""
     helps = dict(re.findall(r"^    (\w+):[^#]*#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="train", choices=("train", "export"))
+    commands = ("train", "export", "real_best")
+    parser.add_argument("command", nargs="?", default="train", choices=commands)
     parser.add_argument("paths", nargs="*", help=helps.get("paths"))
     for f in dataclasses.fields(Config)[2:]:
         if f.type.startswith("list"):

@@ -1,5 +1,6 @@
 """Tests of model.py: tokens, encoder invariances and flow exactness (float64, tiny sizes)."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,14 @@ def test_gradients_reach_every_parameter():
     u = torch.rand(3, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     net.log_prob(u, batch).sum().backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    # The fine patch's embedding starts at zero (model.upgrade), so its encoder has no gradient
+    # until one step has moved the embedding; the embedding itself must have one.
+    assert set(missing) == {n for n, _ in net.named_parameters() if n.startswith("encoder.fine.")}
+    with torch.no_grad():
+        net.encoder.embed_fine.weight.normal_(0.0, 0.1)
+    net.zero_grad()
+    net.log_prob(u, batch).sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum()]
     assert not missing
 
 
@@ -302,5 +311,93 @@ def test_default_config_size():
     assert n * 4 < 20e6  # float32 weights under 20 MB, trainable on two CPU cores
     shipped = Path(__file__).resolve().parents[1] / "data" / "policy.pt"
     if shipped.exists():  # the shipped policy is a network of the default sizes
+        net2, cfg2 = model.load_policy(shipped)
+        # max_tokens (how many tokens are kept) and the fine patch do not set the other weights
+        keep = dict(fine_len=cfg2.fine_len, fine_width_kms=cfg2.fine_width_kms,
+                    max_tokens=cfg2.max_tokens)  # fmt: skip
+        assert dataclasses.replace(model.ModelConfig(), **keep) == cfg2
         weights = torch.load(shipped, weights_only=True)["state_dict"]
-        assert sum(v.numel() for v in weights.values()) == n
+        n2 = sum(p.numel() for p in model.PolicyNet(cfg2).parameters())
+        assert sum(v.numel() for v in weights.values()) == n2
+
+
+# --- fine patch (issue 12) ---
+
+
+def _one_line(f0=100_000.0):
+    return {
+        "freq_MHz": np.array([f0]),
+        "A_s": np.array([1e-5]),
+        "g_u": np.array([3.0]),
+        "E_low_K": np.array([10.0]),
+        "E_up_K": np.array([14.8]),
+        "log10_Q": np.zeros(3),
+    }
+
+
+def test_fine_patch_keeps_a_narrow_line_between_coarse_points():
+    """A 0.3 km/s line (the box's narrowest) at +5.1 km/s: the coarse patch's points are 2.4 km/s
+    apart at the default sizes, the fine bins 0.25 km/s; the bin holding the line's peak channel
+    holds its height, the bin of the smallest value next to it the minimum."""
+    cfg = dataclasses.replace(TINY, fine_len=160, fine_width_kms=20.0)
+    f0 = 100_000.0
+    freq = np.linspace(f0 * (1 - 30 / C_KMS), f0 * (1 + 10 / C_KMS), 4000)  # v from -10 to +30
+    v = C_KMS * (1 - freq / f0)
+    T = 2.0 * np.exp(-0.5 * ((v - 5.1) / (0.3 / 2.355)) ** 2)
+    T[np.argmin(np.abs(v - 12.0))] = -0.7  # one negative channel at +12 km/s
+    win = {"freq_MHz": freq, "T_K": T, "rms_K": 0.05}
+    fine = model.make_tokens([win], _one_line(f0), cfg, torch.float64)["fine"][0].numpy()
+    assert fine.shape == (model.N_FINE, 160)
+    edges = np.linspace(-20.0, 20.0, 161)
+    j_peak = np.searchsorted(edges, v[np.argmax(T)]) - 1
+    assert fine[0, j_peak] == pytest.approx(np.arcsinh(T.max()), rel=1e-12)
+    assert np.argmax(fine[0]) == j_peak
+    j_neg = np.searchsorted(edges, 12.0) - 1
+    assert fine[1, j_neg] == pytest.approx(np.arcsinh(-0.7), rel=1e-12)
+    inside = (edges[1:] <= 30.0) & (edges[:-1] >= -10.0)  # bins wholly in the window
+    assert np.all(fine[2][inside] == 1.0) and np.all(fine[2][edges[1:] < -10.5] == 0.0)
+    flipped = {"freq_MHz": freq[::-1], "T_K": T[::-1], "rms_K": 0.05}
+    fine2 = model.make_tokens([flipped], _one_line(f0), cfg, torch.float64)["fine"][0].numpy()
+    np.testing.assert_array_equal(fine, fine2)
+
+
+def test_fine_patch_fills_bins_wider_than_channels_and_masks_blanks():
+    """Channels of 1 km/s leave most 0.25 km/s bins empty: those get the interpolated value;
+    blanked (NaN) channels never enter a bin."""
+    cfg = dataclasses.replace(TINY, fine_len=40, fine_width_kms=10.0)  # 0.5 km/s bins
+    f0 = 100_000.0
+    freq = np.linspace(f0 * (1 - 15 / C_KMS), f0 * (1 + 15 / C_KMS), 31)  # 1 km/s channels
+    v = C_KMS * (1 - freq / f0)
+    T = 0.01 * v
+    T[np.argmin(np.abs(v - 3.0))] = np.nan
+    fine = model.make_tokens([(freq, T, 0.05)], _one_line(f0), cfg, torch.float64)["fine"][0]
+    fine = fine.numpy()
+    centres = -10.0 + 0.5 * (np.arange(40) + 0.5)
+    assert np.all(np.isfinite(fine))
+    far = np.abs(centres - 3.0) > 1.5
+    np.testing.assert_allclose(np.sinh(fine[0][far]), 0.01 * centres[far], atol=0.0051)
+    assert np.all(fine[2][far] == 1.0) and fine[2][np.argmin(np.abs(centres - 3.0))] < 1.0
+
+
+def test_upgrade_keeps_an_old_policy_s_proposals(tmp_path):
+    """A policy file written before the fine patch loads with fine_len 0 and, upgraded to a
+    network with the fine patch, gives the same log-probabilities (zero-initialised embedding)."""
+    old_cfg = dataclasses.replace(TINY, fine_len=0)
+    old = model.PolicyNet(old_cfg).double()
+    path = tmp_path / "old.pt"
+    torch.save({"config": {k: v for k, v in model.dataclasses.asdict(old_cfg).items()
+                           if k not in ("fine_len", "fine_width_kms")},
+                "state_dict": old.state_dict()}, path)  # fmt: skip
+    net, cfg = model.load_policy(path)
+    assert cfg.fine_len == 0 and not any(".fine" in k for k in net.state_dict())
+    new_cfg = dataclasses.replace(TINY, fine_len=24, fine_width_kms=6.0)
+    new = model.upgrade(net.double(), new_cfg).double()
+    lines = _lines()
+    wins = _windows(lines)
+    b_old = model.collate([model.make_tokens(wins, lines, cfg, torch.float64)])
+    b_new = model.collate([model.make_tokens(wins, lines, new_cfg, torch.float64)])
+    assert "fine" not in b_old and b_new["fine"].shape[-2:] == (model.N_FINE, 24)
+    u = torch.rand(4, 1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(new.log_prob(u, b_new), net.log_prob(u, b_old), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="differ"):
+        model.upgrade(net, dataclasses.replace(new_cfg, d_model=32))

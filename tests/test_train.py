@@ -21,7 +21,7 @@ def _tiny(tmp_path, **kw) -> train.Config:
     base = dict(
         run_dir=str(tmp_path / "run"), molecules=["CH3OH"], holdout=[], catalog="", real_dir="",
         n_steps=3, batch_states=4, k_samples=4, pool_size=4, d_model=16, n_layers=1,
-        max_tokens=8, hidden=16, max_chan=400, max_windows=2, n_eval=2, eval_every=3,
+        max_tokens=8, hidden=16, fine_len=16, max_chan=400, max_windows=2, n_eval=2, eval_every=3,
         log_every=1, quiet=True,
     )  # fmt: skip
     return train.Config(**(base | kw))
@@ -185,7 +185,7 @@ def _toy_policy(seed=0):
     """A tiny policy and the tokens of one fixed state (one line, one window)."""
     torch.manual_seed(seed)
     mcfg = model.ModelConfig(d_model=16, n_heads=2, n_layers=1, ff_hidden=16, patch_channels=4,
-                             max_tokens=4, hidden_features=(16,), bins=8)  # fmt: skip
+                             max_tokens=4, hidden_features=(16,), bins=8, fine_len=0)  # fmt: skip
     f = np.linspace(99_990.0, 100_010.0, 200)
     one = dict(freq_MHz=1e5, A_s=1e-5, g_u=3.0, E_low_K=10.0, E_up_K=14.8)
     lines = {k: np.array([v]) for k, v in one.items()} | {"log10_Q": np.zeros(8)}
@@ -268,6 +268,45 @@ def test_init_starts_a_run_from_an_exported_policy(tmp_path):
     assert all(torch.equal(start[k], after[k]) for k in start)
     with pytest.raises(ValueError, match="differs"):
         train.main(_tiny(tmp_path / "c", d_model=8, init=str(tmp_path / "a.pt")))
+
+
+def test_init_from_a_policy_without_the_fine_patch(tmp_path):
+    """A policy made before the fine patch starts a run with it: every old weight carried over,
+    the fine embedding at zero; resuming that run without the fine patch is refused."""
+    a = _tiny(tmp_path / "a", n_steps=1, eval_every=0, fine_len=0)
+    train.main(a)
+    train.export(str(Path(a.run_dir) / "ckpt.pt"), str(tmp_path / "a.pt"))
+    b = _tiny(tmp_path / "b", n_steps=1, eval_every=0, lr=0.0, init=str(tmp_path / "a.pt"))
+    train.main(b)
+    start = torch.load(tmp_path / "a.pt", weights_only=True)["state_dict"]
+    after = torch.load(Path(b.run_dir) / "ckpt.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(start[k], after[k]) for k in start)
+    assert not after["encoder.embed_fine.weight"].any()
+    with pytest.raises(ValueError, match="fine_len 160"):
+        train.main(_tiny(tmp_path / "b", resume=1, fine_len=0, n_steps=2))
+
+
+def test_real_states_carry_the_stored_global_answer(tmp_path, shared_data):
+    """data/real_best.json (train.py real_best) matches the default training windows; its point
+    joins every real state as its known answer, and it beats the best of 200 uniform draws on
+    each of a few real states (it is in the narrow-line basin); a file for other windows is
+    not used."""
+    folder = str(shared_data / "spectra" / "iras16293b")
+    cfg = train.Config(real_dir=folder)
+    box = spectuner.make_box(["t"])
+    u = train.load_real_best(cfg, box)
+    assert u is not None and u.shape == (5,) and np.all((u >= 0) & (u <= 1))
+    ctx = dict(train={"CH3OH": lte.load_molecule("CH3OH")}, hold={},
+               real=train.load_real(folder, 2.7, train.REAL_HOLDOUT), box=box,
+               mcfg=model.ModelConfig(max_tokens=8), real_u=u)  # fmt: skip
+    tcfg = _tiny(Path(folder), real_frac=1.0)
+    rng = np.random.default_rng(0)
+    for sid in range(3):
+        state = train.make_state(sid, 0, ctx, tcfg)
+        assert state["real"] and np.array_equal(state["u_true"], u)
+        assert state["problem"](u[None])[0] < state["problem"](rng.random((200, 5))).min()
+    other = train.Config(real_dir=folder, real_holdout=["25"])
+    assert train.load_real_best(other, box) is None
 
 
 def test_held_out_real_windows_never_enter_training(shared_data):
