@@ -13,7 +13,7 @@ optionally
 Hanning-correlated (kernel 1/4, 1/2, 1/4, rescaled to the drawn rms).
 
 Frame: freq_MHz of every window is a rest frame moving with the windows' reference velocity (as
-the real windows once shifted by a nominal v_lsr in train.load_real); each molecule's v_off_kms
+the real windows once shifted by a nominal v_lsr in states.load_real); each molecule's v_off_kms
 is the source's systemic offset v_sys_kms from that frame plus the molecule's own scatter.
 
 Column densities per 1e19 cm^-2 of CH3OH, PILS survey of IRAS 16293-2422 B (Jorgensen et al.

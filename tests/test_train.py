@@ -11,6 +11,7 @@ import torch
 import lte
 import model
 import spectuner
+import states
 import train
 
 POLICY = Path(__file__).resolve().parents[1] / "data" / "policy.pt"
@@ -127,9 +128,9 @@ def test_real_windows_as_states(tmp_path, shared_data):
     cfg = _tiny(tmp_path, real_dir=str(shared_data / "spectra" / "iras16293b"), real_frac=1.0,
                 n_steps=2, eval_every=0)  # fmt: skip
     ctx = dict(train={"CH3OH": lte.load_molecule("CH3OH")}, hold={},
-               real=train.load_real(cfg.real_dir, cfg.v_lsr), box=spectuner.make_box(["t"]),
+               real=states.load_real(cfg.real_dir, cfg.v_lsr), box=spectuner.make_box(["t"]),
                mcfg=model.ModelConfig(max_tokens=8))  # fmt: skip
-    state = train.make_state(0, 0, ctx, cfg)
+    state = states.make_state(0, 0, ctx, cfg)
     assert state["real"] and state["n_peaks"] > 10 and state["tokens"]["spec"].shape[0] == 8
     assert train.main(cfg)["step"] == 2
 
@@ -172,12 +173,12 @@ def test_forest_states_keep_held_out_molecules_apart(shared_data):
         forest={n: m for n, m in every.items() if not forest.is_excluded(n, cfg.holdout)},
     )
     for sid in range(12):
-        state = train.forest_state(sid, 0, np.random.default_rng(sid), ctx, cfg)
+        state = states.forest_state(sid, 0, np.random.default_rng(sid), ctx, cfg)
         assert not forest.is_excluded(state["name"], cfg.holdout)
         assert state["problem"].n_chan >= 1000 and state["n_peaks"] > 0
         assert len(state["forest"]) >= 10 and state["name"] in state["forest"]
         assert not any(forest.is_excluded(n, cfg.holdout) for n in state["forest"])
-        held = train.forest_state(sid, 2, np.random.default_rng(sid), ctx, cfg)
+        held = states.forest_state(sid, 2, np.random.default_rng(sid), ctx, cfg)
         assert forest.is_excluded(held["name"], cfg.holdout)
 
 
@@ -294,25 +295,25 @@ def test_real_states_carry_the_stored_global_answer(tmp_path, shared_data):
     folder = str(shared_data / "spectra" / "iras16293b")
     cfg = train.Config(real_dir=folder)
     box = spectuner.make_box(["t"])
-    u = train.load_real_best(cfg, box)
+    u = states.load_real_best(cfg, box)
     assert u is not None and u.shape == (5,) and np.all((u >= 0) & (u <= 1))
     ctx = dict(train={"CH3OH": lte.load_molecule("CH3OH")}, hold={},
-               real=train.load_real(folder, 2.7, train.REAL_HOLDOUT), box=box,
+               real=states.load_real(folder, 2.7, train.REAL_HOLDOUT), box=box,
                mcfg=model.ModelConfig(max_tokens=8), real_u=u)  # fmt: skip
     tcfg = _tiny(Path(folder), real_frac=1.0)
     rng = np.random.default_rng(0)
     for sid in range(3):
-        state = train.make_state(sid, 0, ctx, tcfg)
+        state = states.make_state(sid, 0, ctx, tcfg)
         assert state["real"] and np.array_equal(state["u_true"], u)
         assert state["problem"](u[None])[0] < state["problem"](rng.random((200, 5))).min()
     other = train.Config(real_dir=folder, real_holdout=["25"])
-    assert train.load_real_best(other, box) is None
+    assert states.load_real_best(other, box) is None
 
 
 def test_held_out_real_windows_never_enter_training(shared_data):
     folder = str(shared_data / "spectra" / "iras16293b")
-    every = train.load_real(folder, 2.7)
-    kept = train.load_real(folder, 2.7, train.REAL_HOLDOUT)
+    every = states.load_real(folder, 2.7)
+    kept = states.load_real(folder, 2.7, train.REAL_HOLDOUT)
     assert len(every) == 10 and len(kept) == 10 - len(train.REAL_HOLDOUT)
     cfg = train.Config()
     assert tuple(cfg.real_holdout) == train.REAL_HOLDOUT  # the default holds them out
@@ -323,7 +324,7 @@ def test_held_out_real_windows_never_enter_training(shared_data):
                box=spectuner.make_box(["t"]), mcfg=model.ModelConfig(max_tokens=8))  # fmt: skip
     tcfg = _tiny(Path(folder), real_frac=1.0)
     for sid in range(20):  # every real state is made of training windows only
-        state = train.make_state(sid, 0, ctx, tcfg)
+        state = states.make_state(sid, 0, ctx, tcfg)
         firsts = {float(w.freq_MHz[0]) for w in state["problem"].windows}
         assert state["real"] and firsts <= starts
 
@@ -337,8 +338,50 @@ def test_a_state_without_lines_in_reach_is_drawn_again(monkeypatch):
             raise ValueError("molecule X has no line within 114 km/s of the windows")
         return dict(sid=sid, attempt=attempt)
 
-    monkeypatch.setattr(train, "_draw_state", draw)
-    assert train.make_state(5, 0, {}, train.Config())["attempt"] == 2 and calls == [0, 1, 2]
-    monkeypatch.setattr(train, "_draw_state", lambda *a: (_ for _ in ()).throw(ValueError("bad")))
+    monkeypatch.setattr(states, "_draw_state", draw)
+    assert states.make_state(5, 0, {}, train.Config())["attempt"] == 2 and calls == [0, 1, 2]
+    monkeypatch.setattr(states, "_draw_state", lambda *a: (_ for _ in ()).throw(ValueError("bad")))
     with pytest.raises(ValueError, match="bad"):  # other errors are not hidden
-        train.make_state(5, 0, {}, train.Config())
+        states.make_state(5, 0, {}, train.Config())
+
+
+def test_workers_give_the_same_run(tmp_path):
+    """States made and scored in two worker processes give the run of one process, to the bit:
+    the same metrics (but time) and the same weights; fixed_states makes one state id wait in
+    the pool twice, which the server's references must survive."""
+    runs = {}
+    for w in (0, 2):
+        cfg = _tiny(tmp_path / f"w{w}", n_steps=4, eval_every=2, workers=w, fixed_states=3)
+        train.main(cfg)
+        runs[w] = cfg
+    a, b = _rows(runs[0].run_dir), _rows(runs[2].run_dir)
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in ("time_s", "it_s")} == {
+            k: v for k, v in rb.items() if k not in ("time_s", "it_s")
+        }
+    wa = torch.load(Path(runs[0].run_dir) / "ckpt.pt", weights_only=True)["state_dict"]
+    wb = torch.load(Path(runs[2].run_dir) / "ckpt.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ValueError, match="workers"):
+        train.main(_tiny(tmp_path / "bad", workers=-1))
+
+
+def test_state_server_references():
+    """A state made twice is kept until dropped twice; losses come from its own problem."""
+    cfg = _tiny(Path("."), workers=0)
+    mcfg = model.ModelConfig(max_tokens=8, fine_len=16)
+    ctx = dict(train={"CH3OH": lte.load_molecule("CH3OH")}, hold={}, real=[],
+               box=spectuner.make_box(["t"]), mcfg=mcfg)  # fmt: skip
+    server = states.StateServer(ctx, cfg)
+    rec = server.make([7, 7, 8])
+    assert "problem" not in rec[0] and rec[0]["sid"] == 7 and rec[2]["sid"] == 8
+    U = np.random.default_rng(0).random((3, 5))
+    direct = states.make_state(7, 0, ctx, cfg)["problem"](U)
+    np.testing.assert_array_equal(server.losses([7], [U])[0], direct)
+    server.drop([7])
+    np.testing.assert_array_equal(server.losses([7], [U])[0], direct)  # one reference left
+    server.drop([7, 8])
+    assert not server.store
+    with pytest.raises(KeyError):
+        server.losses([7], [U])
