@@ -334,33 +334,33 @@ class StateServer:
             out.setdefault(int(s) % self.n, []).append(i)
         return out
 
+    def _scatter(self, fn, sids: list, items, *args) -> list:
+        """fn(its sids[, their items], *args) in each worker holding them, all at once; the
+        results gathered back in the order of sids."""
+        parts = self._split(sids)
+        jobs = {}
+        for w, p in parts.items():
+            mine = ([items[i] for i in p],) if items is not None else ()
+            jobs[w] = self.pools[w].submit(fn, [sids[i] for i in p], *mine, *args)
+        out = [None] * len(sids)
+        for w, p in parts.items():
+            for i, result in zip(p, jobs[w].result()):
+                out[i] = result
+        return out
+
     def make(self, sids, kind: int = 0) -> list:
         """Light records (state without "problem") of states sids, in order."""
         sids = [int(s) for s in sids]
         if not self.n:
             return [_light(_make(self.store, self.ctx, self.cfg, s, kind)) for s in sids]
-        parts = self._split(sids)
-        jobs = {w: self.pools[w].submit(_worker_make, [sids[i] for i in p], kind)
-                for w, p in parts.items()}  # fmt: skip
-        out = [None] * len(sids)
-        for w, p in parts.items():
-            for i, rec in zip(p, jobs[w].result()):
-                out[i] = rec
-        return out
+        return self._scatter(_worker_make, sids, None, kind)
 
     def losses(self, sids, U) -> list:
         """Loss of each state sids[i] at its actions U[i] (n_i, 5), in order."""
         sids = [int(s) for s in sids]
         if not self.n:
             return [self.store[s][0]["problem"](u) for s, u in zip(sids, U)]
-        parts = self._split(sids)
-        jobs = {w: self.pools[w].submit(_worker_losses, [sids[i] for i in p], [U[i] for i in p])
-                for w, p in parts.items()}  # fmt: skip
-        out = [None] * len(sids)
-        for w, p in parts.items():
-            for i, loss in zip(p, jobs[w].result()):
-                out[i] = loss
-        return out
+        return self._scatter(_worker_losses, sids, U)
 
     def drop(self, sids) -> None:
         """One reference less to each of sids; a state with none is forgotten."""
