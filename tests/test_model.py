@@ -123,14 +123,7 @@ def test_tokens_ties_and_catalogue_order(monkeypatch):
 def test_patch_contents_and_window_order():
     cfg = TINY
     f0 = 100_000.0
-    lines = {
-        "freq_MHz": np.array([f0]),
-        "A_s": np.array([1e-5]),
-        "g_u": np.array([3.0]),
-        "E_low_K": np.array([10.0]),
-        "E_up_K": np.array([14.8]),
-        "log10_Q": np.zeros(3),
-    }
+    lines = _one_line(f0)
     # Window covering only v > 0 (freq below f0), 3 K line at v = +10 km/s, flat 0.1 K elsewhere.
     freq = np.linspace(f0 * (1 - 200 / C_KMS), f0 * (1 - 1 / C_KMS), 2000)
     v = C_KMS * (1 - freq / f0)
