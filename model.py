@@ -120,6 +120,14 @@ def _select(lines: dict, wins: list, cfg: ModelConfig) -> np.ndarray:
     return idx[np.argsort(freq[idx], kind="stable")]
 
 
+def _on_grid(grid: np.ndarray, f: np.ndarray, T: np.ndarray) -> tuple:
+    """(valid channels, T with NaN -> 0, grid points inside the window, inside times the
+    interpolated validity) of one window on a patch grid."""
+    valid = np.isfinite(T)
+    inside = (grid >= f[0]) & (grid <= f[-1])
+    return valid, np.where(valid, T, 0.0), inside, inside * np.interp(grid, f, valid.astype(float))
+
+
 def _patches(freq_t: np.ndarray, wins: list, cfg: ModelConfig) -> np.ndarray:
     """Observed spectrum around each transition on a velocity grid, (N,) -> (N, N_PATCH, L).
 
@@ -134,10 +142,7 @@ def _patches(freq_t: np.ndarray, wins: list, cfg: ModelConfig) -> np.ndarray:
     grid = freq_t[:, None] * (1.0 - v[None, :] / C_KMS)  # (N, L) rest frequencies [MHz]
     out = np.zeros((freq_t.size, N_PATCH, L))
     for f, T, rms, T_bg, beam in wins:
-        valid = np.isfinite(T)
-        T0 = np.where(valid, T, 0.0)
-        inside = (grid >= f[0]) & (grid <= f[-1])  # (N, L)
-        mask = inside * np.interp(grid, f, valid.astype(float))
+        valid, T0, inside, mask = _on_grid(grid, f, T)  # inside, mask (N, L)
         rows = np.where(inside[:, None, :], 0.0, out)  # (N, N_PATCH, L), this window replaces
         rows[:, 0] = mask * np.arcsinh(np.interp(grid, f, T0) / cfg.T_scale_K)
         rows[:, 1] = mask
@@ -174,10 +179,7 @@ def _fine_patches(freq_t: np.ndarray, wins: list, cfg: ModelConfig) -> np.ndarra
     grid = freq_t[:, None] * (1.0 - v_c[None, :] / C_KMS)  # (N, L_f) rest frequencies [MHz]
     out = np.zeros((freq_t.size, N_FINE, L))
     for f, T, _rms, _T_bg, _beam in wins:
-        valid = np.isfinite(T)
-        T0 = np.where(valid, T, 0.0)
-        inside = (grid >= f[0]) & (grid <= f[-1])  # (N, L_f)
-        mask = inside * np.interp(grid, f, valid.astype(float))
+        valid, T0, inside, mask = _on_grid(grid, f, T)  # inside, mask (N, L_f)
         centre = np.arcsinh(np.interp(grid, f, T0) / cfg.T_scale_K)  # (N, L_f)
         hi_pool, lo_pool = np.full_like(centre, -np.inf), np.full_like(centre, np.inf)
         # Native channels within the fine reach of each transition, flattened: (n,) pairs.
