@@ -59,6 +59,7 @@ import torch
 import model
 import spectuner
 import states
+from replay import ReplayBuffer, distinct_elites  # noqa: F401  (train.ReplayBuffer)
 from states import HOLDOUT, REAL_HOLDOUT, TRAIN_MOLECULES
 
 
@@ -94,6 +95,10 @@ class Config:
     eps: float = 1e-3  # PER priority floor, added by ReplayBuffer.update
     lag_cap: float = 10.0  # PER: a replayed state's relative lag is capped here before eps
     explore_frac: float = 0.25  # share of each state's K samples drawn uniformly over the cube
+    n_elites: int = 4  # distinct good actions kept per buffered state and imitated (0 = off)
+    elite_dist: float = 0.1  # elites differ by more than this in some unit-cube coordinate
+    elite_tol: float = 0.05  # and lag the state's best by at most this (relative, as the lag)
+    imit_coef: float = 1.0  # weight of the elite imitation term (imitation_loss)
     molecules: list[str] = dataclasses.field(default_factory=lambda: list(TRAIN_MOLECULES))
     # target molecules of the synthetic training states (states.TRAIN_MOLECULES)
     holdout: list[str] = dataclasses.field(default_factory=lambda: list(HOLDOUT))  # molecules
@@ -212,59 +217,22 @@ def reinforce_loss(logp, adv, w, frac_uniform: float, n_policy: int, ent_coef: f
     return pg, ent_term
 
 
-class ReplayBuffer:
-    """Prioritized replay (Schaul et al. 2016) of state ids with their best action and loss.
+def imitation_loss(logp_e, present, w, coef: float):
+    """Elite imitation (ours, issue 12): the mean negative log-likelihood of each replayed
+    state's distinct good actions e (replay.distinct_elites),
 
-    A replayed state's priority is p = min(lag, lag_cap) + eps (update): the floor eps keeps
-    every state drawable, the cap keeps one hopeless state (a lag of 1e3 after a false line)
-    from taking the whole buffer's probability mass.
+        imit = -coef (1/B) sum_b w_b (1/m_b) sum_e log pi(e_b | s_b),
+
+    with m_b the elites present and w_b the replay importance weights. It is the forward KL
+    from the elites to the policy, up to a constant: mode covering, so a policy keeps mass on
+    every basin that holds an elite, where the policy-gradient term alone (mode seeking) drops
+    one of two equally good basins (tests/test_train.py, the two-basin toy).
+
+    Args: logp_e (M, B) log pi of the elites; present (M, B) 1 where an elite exists; w (B,).
     """
-
-    def __init__(self, capacity: int, alpha: float, eps: float, lag_cap: float = 10.0):
-        self.capacity, self.alpha, self.eps, self.lag_cap = capacity, alpha, eps, lag_cap
-        self.ids = np.zeros(capacity, dtype=np.int64)
-        self.best_u = np.zeros((capacity, 5))
-        self.best_loss = np.zeros(capacity)
-        self.priority = np.zeros(capacity)
-        self.size, self.pos, self.max_priority = 0, 0, 1.0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def add(self, sid: int, best_u: np.ndarray, best_loss: float) -> None:
-        """A new state enters at the maximum priority seen so far, replacing the oldest."""
-        i = self.pos
-        self.ids[i], self.best_u[i], self.best_loss[i] = sid, best_u, best_loss
-        self.priority[i] = self.max_priority
-        self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
-
-    def probs(self) -> np.ndarray:
-        p = self.priority[: self.size] ** self.alpha
-        return p / p.sum()
-
-    def sample(self, n: int, beta: float, rng) -> tuple:
-        """n slots drawn with P(i) = p_i^alpha / sum p^alpha; weights (N P(i))^-beta / max."""
-        P = self.probs()
-        idx = rng.choice(self.size, n, replace=False, p=P)
-        w = (self.size * P[idx]) ** -beta / (self.size * P.min()) ** -beta
-        return idx, w
-
-    def update(self, idx, lag, best_u, best_loss) -> None:
-        """Slots idx get priority min(lag, lag_cap) + eps and their new best action and loss."""
-        priority = np.minimum(lag, self.lag_cap) + self.eps
-        self.priority[idx], self.best_u[idx], self.best_loss[idx] = priority, best_u, best_loss
-        self.max_priority = max(self.max_priority, float(np.max(priority)))
-
-    def state_dict(self) -> dict:
-        keys = ("ids", "best_u", "best_loss", "priority")
-        out = {k: torch.from_numpy(getattr(self, k)[: self.size].copy()) for k in keys}
-        return out | dict(pos=self.pos, max_priority=self.max_priority)
-
-    def load_state_dict(self, d: dict) -> None:
-        n = len(d["ids"])
-        for k in ("ids", "best_u", "best_loss", "priority"):
-            getattr(self, k)[:n] = d[k].numpy()
-        self.size, self.pos, self.max_priority = n, d["pos"], d["max_priority"]
+    m = present.sum(0)
+    per_state = (present * logp_e).sum(0) / m.clamp(min=1.0)
+    return -coef * (w * per_state * (m > 0)).mean()
 
 
 def spread(u: np.ndarray, face: float = 0.01) -> dict:
@@ -330,6 +298,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"explore_frac {cfg.explore_frac}: expected 0 <= value < 1")
     if cfg.workers < 0:
         raise ValueError(f"workers {cfg.workers}: expected 0 (this process) or more")
+    if cfg.n_elites < 0 or cfg.imit_coef < 0:
+        raise ValueError(f"n_elites {cfg.n_elites} / imit_coef {cfg.imit_coef}: expected >= 0")
 
 
 def model_config(cfg: Config) -> model.ModelConfig:
@@ -355,7 +325,7 @@ def start(cfg: Config, mcfg, run: Path, rng, gen) -> tuple:
     resumed from run/ckpt.pt, or started from the policy file cfg.init."""
     net = model.PolicyNet(mcfg).to(cfg.device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    buf = ReplayBuffer(cfg.capacity, cfg.alpha, cfg.eps, cfg.lag_cap)
+    buf = ReplayBuffer(cfg.capacity, cfg.alpha, cfg.eps, cfg.lag_cap, cfg.n_elites)
     loop = dict(step=0, next_id=0, pool=[], best_score=-np.inf)
     if cfg.resume and (run / "ckpt.pt").exists():
         ck = torch.load(run / "ckpt.pt", map_location=cfg.device, weights_only=True)
@@ -427,6 +397,19 @@ def score(batch_states: list, u, buf, rep_idx, n_fresh: int, server, cfg: Config
     return losses, u_all, l_all
 
 
+def stored_elites(buf, rep_idx, w_is, n_fresh: int, cfg: Config):
+    """The replayed states' stored elites as imitation targets: u (M, B, 5), present (M, B),
+    weights (B,) (replay importance weights; fresh states have none), or None."""
+    if not (cfg.n_elites and cfg.imit_coef and len(rep_idx)):
+        return None
+    B, M = n_fresh + len(rep_idx), cfg.n_elites
+    u, present, w = np.full((M, B, 5), 0.5), np.zeros((M, B)), np.zeros(B)
+    u[:, n_fresh:] = buf.elite_u[rep_idx].transpose(1, 0, 2)
+    present[:, n_fresh:] = np.isfinite(buf.elite_loss[rep_idx]).T
+    w[n_fresh:] = w_is
+    return u, present, w
+
+
 def update_buffer(buf, batch_states, rep_idx, losses, u_all, l_all, n_policy, cfg) -> np.ndarray:
     """Fresh states enter at max priority with their best member; replayed ones get their lag
     (method §6) as priority. Returns the policy's own best loss per state (B,)."""
@@ -436,14 +419,30 @@ def update_buffer(buf, batch_states, rep_idx, losses, u_all, l_all, n_policy, cf
     best_u, best_l = u_all[best_k, cols], l_all[best_k, cols]
     pol_best = losses[:n_policy].min(0)
     if cfg.per:
+        eu, el = new_elites(buf, batch_states, rep_idx, u_all, l_all, cfg)
         for b in range(n_fresh):
-            buf.add(batch_states[b]["sid"], best_u[b], best_l[b])
+            buf.add(batch_states[b]["sid"], best_u[b], best_l[b], (eu[b], el[b]))
         if len(rep_idx):
             r = cols[n_fresh:]
             scale = np.array([batch_states[i]["loss_scale"] for i in r])
             lag = (pol_best[r] - best_l[r]) / (np.abs(best_l[r]) + scale)
-            buf.update(rep_idx, lag, best_u[r], best_l[r])
+            buf.update(rep_idx, lag, best_u[r], best_l[r], (eu[r], el[r]))
     return pol_best
+
+
+def new_elites(buf, batch_states, rep_idx, u_all, l_all, cfg) -> tuple:
+    """Each state's distinct good actions (replay.distinct_elites) among its K + 1 members
+    and, for a replayed state, its stored elites: (B, n_elites, 5), (B, n_elites)."""
+    n_fresh, out_u, out_l = len(batch_states) - len(rep_idx), [], []
+    for b, s in enumerate(batch_states):
+        U, L = u_all[:, b], l_all[:, b]
+        if b >= n_fresh:
+            U = np.concatenate([U, buf.elite_u[rep_idx[b - n_fresh]]])
+            L = np.concatenate([L, buf.elite_loss[rep_idx[b - n_fresh]]])
+        e = distinct_elites(U, L, s["loss_scale"], cfg.n_elites, cfg.elite_dist, cfg.elite_tol)
+        out_u.append(e[0])
+        out_l.append(e[1])
+    return np.array(out_u), np.array(out_l)
 
 
 def advantages(l_all: np.ndarray, batch_states: list, cfg: Config) -> np.ndarray:
@@ -457,16 +456,23 @@ def advantages(l_all: np.ndarray, batch_states: list, cfg: Config) -> np.ndarray
     return adv
 
 
-def reinforce_step(net, opt, batch, u_all, adv, weights, n_uni: int, cfg: Config):
-    """One Adam step on pg + ent_term of reinforce_loss; returns log pi of the members."""
+def reinforce_step(net, opt, batch, u_all, adv, weights, n_uni: int, cfg: Config, elites=None):
+    """One Adam step on pg + ent_term of reinforce_loss, plus imitation_loss of the elites
+    (u (M, B, 5), present (M, B), weights (B,)) when given; returns log pi of the members."""
     K = u_all.shape[0] - 1
     dev = dict(dtype=torch.float32, device=cfg.device)
-    logp = net.log_prob(torch.as_tensor(u_all, **dev), batch)  # (K+1, B)
+    u_in = u_all if elites is None else np.concatenate([u_all, elites[0]])
+    logp_in = net.log_prob(torch.as_tensor(u_in, **dev), batch)  # (K+1 [+ M], B)
+    logp = logp_in[: K + 1]
     pg, ent_term = reinforce_loss(logp, torch.as_tensor(adv, **dev),
                                   torch.as_tensor(weights, **dev), n_uni / K, K - n_uni,
                                   cfg.ent_coef)  # fmt: skip
+    total = pg + ent_term
+    if elites is not None:
+        present, w = (torch.as_tensor(x, **dev) for x in elites[1:])
+        total = total + imitation_loss(logp_in[K + 1 :], present, w, cfg.imit_coef)
     opt.zero_grad(set_to_none=True)
-    (pg + ent_term).backward()
+    total.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
     opt.step()
     return logp
@@ -540,7 +546,8 @@ def main(cfg: Config) -> dict:
             # --- REINFORCE step (method §6; the equations in reinforce_loss) ---
             weights = np.concatenate([np.ones(n_fresh), w_is])  # importance weights (1 if fresh)
             weights = weights / np.isfinite(l_all).sum(0)  # per member present
-            logp = reinforce_step(net, opt, batch, u_all, adv, weights, n_uni, cfg)
+            elites = stored_elites(buf, rep_idx, w_is, n_fresh, cfg)
+            logp = reinforce_step(net, opt, batch, u_all, adv, weights, n_uni, cfg, elites)
             loop["step"] = step = step + 1
             # --- buffer, log, evaluate, checkpoint ---
             pol_best = update_buffer(buf, batch_states, rep_idx, losses, u_all, l_all, K - n_uni,
