@@ -48,7 +48,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -563,9 +565,12 @@ def main(cfg: Config) -> dict:
                 last["do_eval"] = do_eval
                 log_step(last, net, evals, rand_best, kinds, ctx["box"], run, loop, mcfg, cfg)
             due = time.time() - t_ckpt > 60 * cfg.ckpt_minutes
-            if step % cfg.ckpt_every == 0 or step == cfg.n_steps or due:
+            if step % cfg.ckpt_every == 0 or step == cfg.n_steps or due or STOP.is_set():
                 save_checkpoint(run / "ckpt.pt", net, mcfg, opt, loop, buf, pool, rng, gen)
                 t_ckpt = time.time()
+            if STOP.is_set():  # SIGTERM or Ctrl-C: stopped at a step boundary, checkpointed
+                print(f"stopped step={step} ckpt={run / 'ckpt.pt'} (continue with --resume)")
+                break
     finally:
         server.close()
     return last
@@ -622,7 +627,19 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return Config(**vars(parser.parse_args(argv)))
 
 
+STOP = threading.Event()  # set by SIGTERM / Ctrl-C on the command line: stop after this step
+
+
+def _on_signal(signum, frame) -> None:
+    """First SIGTERM or Ctrl-C: finish the step, checkpoint, stop. A second one: stop now."""
+    if STOP.is_set():
+        raise KeyboardInterrupt
+    STOP.set()
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         main(parse_config())
     except (ValueError, FileNotFoundError) as err:

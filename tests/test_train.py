@@ -2,6 +2,7 @@
 
 import csv
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,16 @@ def test_resume_continues_from_saved_step(tmp_path):
     assert last["step"] == 5
     assert [int(r["step"]) for r in _rows(tmp_path / "run")] == [1, 2, 3, 4, 5]
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 5
+
+
+def test_a_stop_request_checkpoints_at_the_step_boundary(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "STOP", threading.Event())
+    train.STOP.set()  # as SIGTERM or Ctrl-C does on the command line
+    train.main(_tiny(tmp_path, n_steps=5))
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 1  # one step finished, saved, stopped
+    train.STOP.clear()
+    assert train.main(_tiny(tmp_path, n_steps=3, resume=True))["step"] == 3
 
 
 def test_bad_inputs_raise(tmp_path):
