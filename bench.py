@@ -499,8 +499,9 @@ def coverage_cases(kind: str, n_cases: int, seed: int):
     PARAM_NAMES order, extra fit_spectrum keywords). kind "clean": CH3OH alone in the two
     windows of the tests, truths uniform in the central 80 % of the unit cube of docs/method.md
     §3, peak S/N log-uniform in 20-200. kind "forest": one Band 6 window of forest.py's
-    hot_corino preset with CH3OH the target among 20-60 molecules (forest.draw_forest, seed
-    [seed, case]), truth the target's injected parameters, N_tot fitted in FOREST_N_TOT."""
+    hot_corino preset with CH3OH the target among 20-60 molecules (at most those that resolve
+    in ../shared/data/catalogs; forest.draw_forest, seed [seed, case]), truth the target's
+    injected parameters, N_tot fitted in FOREST_N_TOT."""
     import spectuner
 
     if kind == "forest":
