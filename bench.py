@@ -8,6 +8,7 @@ python bench.py cube     # cube fitting throughput (issue 4)
 python bench.py forest   # line statistics of forest.py's hot_corino vs IRAS 16293-2422 B (issue 11)
 python bench.py limits   # detection rate and coverage of the N_tot upper limits (issue 15)
 python bench.py coverage # 1- and 3-sigma coverage of the errors per parameter and loss (issue 14)
+python bench.py coverage --kind forest  # the same on CH3OH in hot-corino line forests (issue 14)
 """
 
 import argparse
@@ -196,6 +197,21 @@ def bench_fit() -> None:
 BENCHES["fit"] = bench_fit
 
 
+def _recover_fit(windows, mol, truth, method: str, restarts: int, case: int) -> tuple:
+    """One chi2 fit of bench_recover: (ok, loss, nfev, time_s, warned, detail of the worst z)."""
+    import spectuner
+
+    names = spectuner.PARAM_NAMES
+    res = spectuner.fit_spectrum(windows, [mol], method, "chi2", seed=case, pso_restarts=restarts)
+    est, err = res["params"]["CH3OH"], res["errors"]["CH3OH"]
+    z = np.array([(est[k] - t) / err[k] for k, t in zip(names, truth)])
+    ok = np.isfinite(z[[1, 3, 4]]).all() and np.all(np.abs(np.nan_to_num(z)) < 3)
+    warned = "nearly thin" in res["error_notes"]["CH3OH"].get("N_tot", "")
+    worst = int(np.argmax(np.abs(np.nan_to_num(z))))
+    detail = f"tau_max={res['tau_max']['CH3OH']:.2g},{names[worst]}_z={z[worst]:.1f}"
+    return ok, res["loss"], res["nfev"], res["time_s"], warned, detail
+
+
 def bench_recover(n_cases: int = 100, seed: int = 7) -> None:
     """Recovery of the truth on synthetic CH3OH spectra (issue 3): the two windows of the tests
     (J=5-4 at 241.8 GHz, J=2-1 at 96.7 GHz), truths uniform in the central 80 % of the unit
@@ -220,17 +236,7 @@ def bench_recover(n_cases: int = 100, seed: int = 7) -> None:
         rms = max(t.max() for t in T) / 10 ** rng.uniform(np.log10(20), np.log10(200))
         noisy = [t + rng.normal(0, rms, f.size) for f, t in zip(grids, T)]
         windows = [spectuner.Window(f, t, rms) for f, t in zip(grids, noisy)]
-        fits = {}
-        for method, restarts in runs:
-            res = spectuner.fit_spectrum(windows, [mol], method, "chi2", seed=case,
-                                         pso_restarts=restarts)  # fmt: skip
-            est, err = res["params"]["CH3OH"], res["errors"]["CH3OH"]
-            z = np.array([(est[k] - t) / err[k] for k, t in zip(names, truth)])
-            ok = np.isfinite(z[[1, 3, 4]]).all() and np.all(np.abs(np.nan_to_num(z)) < 3)
-            warned = "nearly thin" in res["error_notes"]["CH3OH"].get("N_tot", "")
-            worst = int(np.argmax(np.abs(np.nan_to_num(z))))
-            detail = f"tau_max={res['tau_max']['CH3OH']:.2g},{names[worst]}_z={z[worst]:.1f}"
-            fits[method, restarts] = (ok, res["loss"], res["nfev"], res["time_s"], warned, detail)
+        fits = {run: _recover_fit(windows, mol, truth, *run, case) for run in runs}
         at_truth = spectuner.model_windows(windows, [mol], {"CH3OH": dict(zip(names, truth))})
         loss_truth = sum(
             spectuner.loss_chi2(m, w.T_obs_K, rms)[0] for m, w in zip(at_truth, windows)
@@ -365,11 +371,6 @@ def bench_forest(n_seeds: int = 200, preset: str = "hot_corino", band: int = 6) 
     one)."""
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     import forest
 
     folder = SHARED / "spectra" / "iras16293b"
@@ -408,10 +409,22 @@ def bench_forest(n_seeds: int = 200, preset: str = "hot_corino", band: int = 6) 
     out.mkdir(exist_ok=True)
     (out / "bench_forest.txt").write_text(text + "\n")
     k = int(np.argsort([x["peaks_per_1000"] for x in sim_stats])[n_seeds // 2])  # median state
+    sim = (sims[k].freq_MHz, sims[k].T_obs_K, sims[k].rms_K)
+    _forest_figure(out / "forest_vs_real.png", sim, f"{preset} seed {k}", real[0])
+    print(f"wrote={out / 'bench_forest.txt'} figure={out / 'forest_vs_real.png'}")
+
+
+def _forest_figure(path: Path, sim: tuple, sim_label: str, real: tuple) -> None:
+    """bench_forest's figure: a simulated window (freq, T, rms) above a real one, 4 rms dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, 1, figsize=(10, 6))
     for ax, (f, T, rms), label in [
-        (axes[0], (sims[k].freq_MHz, sims[k].T_obs_K, sims[k].rms_K), f"{preset} seed {k}"),
-        (axes[1], real[0], "IRAS 16293-2422 B spw 105 (observed frame)"),
+        (axes[0], sim, sim_label),
+        (axes[1], real, "IRAS 16293-2422 B spw 105 (observed frame)"),
     ]:
         ax.plot(f / 1e3, T, lw=0.5, color="k")
         ax.axhline(4 * rms, color="r", lw=0.5, ls="--")
@@ -419,8 +432,7 @@ def bench_forest(n_seeds: int = 200, preset: str = "hot_corino", band: int = 6) 
         ax.set_ylabel("T [K]")
     axes[1].set_xlabel("frequency [GHz]")
     fig.tight_layout()
-    fig.savefig(out / "forest_vs_real.png", dpi=120)
-    print(f"wrote={out / 'bench_forest.txt'} figure={out / 'forest_vs_real.png'}")
+    fig.savefig(path, dpi=120)
 
 
 BENCHES["forest"] = bench_forest
@@ -477,49 +489,106 @@ def bench_limits(n_cases: int = 100, seed: int = 11) -> None:
 BENCHES["limits"] = bench_limits
 
 
-def bench_coverage(n_cases: int = 100, seed: int = 13) -> None:
-    """Coverage of the 1-sigma errors (issue 14): synthetic CH3OH in the two windows of the
-    tests, truths uniform in the central 80 % of the unit cube of docs/method.md §3, peak S/N
-    log-uniform in 20-200, no other lines; random+slsqp with 50 starts and the pm loss without
-    and with the final chi2 refinement (fit_spectrum's chi2_refine, the default), and the
-    chi2 loss. Per parameter: the fits with a finite error (`finite`), the fractions of those
-    with |value - truth| <= 1 and <= 3 errors (Gaussian errors: 0.683 and 0.997), and the median
-    error in value (relative for eta, T_ex, N_tot and delta_v, in km/s for v_off)."""
+COVERAGE_GRIDS_MHZ = ((241700, 241900, 0.15), (96700, 96780, 0.06))  # the tests' two windows
+FOREST_N_TOT = (1e12, 1e23)  # N_tot box [cm^-2] of the forest coverage: the hot_corino preset
+# puts CH3OH at 1e21-1e22, above the default box's 1e20, where a fit could not reach the truth
+
+
+def coverage_cases(kind: str, n_cases: int, seed: int):
+    """The spectra of bench_coverage, one at a time: (windows, CH3OH molecule, truth (5,) in
+    PARAM_NAMES order, extra fit_spectrum keywords). kind "clean": CH3OH alone in the two
+    windows of the tests, truths uniform in the central 80 % of the unit cube of docs/method.md
+    §3, peak S/N log-uniform in 20-200. kind "forest": one Band 6 window of forest.py's
+    hot_corino preset with CH3OH the target among 20-60 molecules (at most those that resolve
+    in ../shared/data/catalogs; forest.draw_forest, seed [seed, case]), truth the target's
+    injected parameters, N_tot fitted in FOREST_N_TOT."""
     import spectuner
 
+    if kind == "forest":
+        import forest
+
+        mols = forest.load_forest_molecules(SHARED / "catalogs", quiet=True)
+        for case in range(n_cases):
+            wins, truth = forest.draw_forest([seed, case], mols, "CH3OH", "hot_corino", 6, 1)
+            yield ([spectuner.Window(*w) for w in wins], mols["CH3OH"],
+                   truth["params"]["CH3OH"], dict(bounds={"N_tot": FOREST_N_TOT}))  # fmt: skip
+        return
+    if kind != "clean":
+        raise ValueError(f"coverage kind {kind!r}: expected 'clean' or 'forest'")
     mol = lte.load_molecule("CH3OH", freq_range_MHz=(96000, 242000))
-    grids = [np.arange(241700, 241900, 0.15), np.arange(96700, 96780, 0.06)]
-    box, names = spectuner.make_box(["CH3OH"], None, None), spectuner.PARAM_NAMES
-    runs = {"pm": dict(loss="pm", chi2_refine=False), "pm+chi2": dict(loss="pm"),
-            "chi2": dict(loss="chi2")}  # fmt: skip
-    z, dev = {k: [] for k in runs}, {k: [] for k in runs}
+    grids = [np.arange(*g) for g in COVERAGE_GRIDS_MHZ]
+    box = spectuner.make_box(["CH3OH"], None, None)
     rng = np.random.default_rng(seed)
-    for case in range(n_cases):
+    for _ in range(n_cases):
         truth = spectuner.to_physical(rng.uniform(0.1, 0.9, (1, 5)), box)[0]
         T = [lte.spectrum(f, mol, truth[None])[0] for f in grids]
         rms = max(t.max() for t in T) / 10 ** rng.uniform(np.log10(20), np.log10(200))
         windows = [spectuner.Window(f, t + rng.normal(0, rms, f.size), rms)
                    for f, t in zip(grids, T)]  # fmt: skip
+        yield windows, mol, truth, {}
+
+
+def _coverage_row(res: dict, truth: np.ndarray, names) -> tuple:
+    """(z (5,) = (value - truth) / error, deviation (5,): relative, km/s for v_off, flags:
+    at_bound_each (5,) bool and the per-fit flags of bench_coverage)."""
+    est = np.array([res["params"]["CH3OH"][p] for p in names])
+    err = np.array([res["errors"]["CH3OH"][p] for p in names])
+    polish, notes = res["chi2_refine"] or dict(n_chan=1, n_dropped=0), res["error_notes"]["CH3OH"]
+    flags = dict(
+        at_bound_each=np.isin(names, list(res["at_bound"]["CH3OH"])),
+        polish_skipped="kept_pm" in polish,
+        at_bound=bool(res["at_bound"]["CH3OH"]),
+        nearly_thin="nearly thin" in notes.get("N_tot", ""),
+        dropped=polish["n_dropped"] / (polish["n_chan"] + polish["n_dropped"]),
+    )
+    return (est - truth) / err, np.where(np.arange(5) == 4, est - truth, est / truth - 1), flags
+
+
+def bench_coverage(n_cases: int = 100, seed: int = 13, kind: str = "clean") -> None:
+    """Coverage of the 1-sigma errors (issue 14) on the spectra of coverage_cases (kind "clean"
+    or "forest"): random+slsqp with 50 starts and the pm loss without and with the final chi2
+    refinement (fit_spectrum's chi2_refine, the default), and the chi2 loss. Per run and
+    parameter: the fits with a finite error (`finite`), the fractions of those with |value -
+    truth| <= 1 and <= 3 errors (Gaussian errors: 0.683 and 0.997) and the median of
+    |value - truth| / error (0.674), the fits at a face of the box (no error), and the median
+    error in value (relative for eta, T_ex, N_tot and delta_v, in km/s for v_off). Per run, the fits
+    flagged (any of): chi2 refinement not applied (`polish_skipped`: over spectuner.FOREST_DROP
+    of the channels unexplained, the pm values kept and their errors a lower bound), a
+    parameter at a face of the box (`at_bound`, its error NaN), the nearly-thin-lines warning
+    on eta and N_tot (`nearly_thin`); and the fits refined with channels left out as unexplained
+    (`dropped`) with the median fraction of channels left out (`median_dropped_frac`)."""
+    import spectuner
+
+    names = spectuner.PARAM_NAMES
+    runs = {"pm": dict(loss="pm", chi2_refine=False), "pm+chi2": dict(loss="pm"),
+            "chi2": dict(loss="chi2")}  # fmt: skip
+    rows = {k: [] for k in runs}
+    for case, (windows, mol, truth, extra) in enumerate(coverage_cases(kind, n_cases, seed)):
         for key, kw in runs.items():
-            res = spectuner.fit_spectrum(windows, [mol], "random+slsqp", seed=case, **kw)
-            est = np.array([res["params"]["CH3OH"][p] for p in names])
-            err = np.array([res["errors"]["CH3OH"][p] for p in names])
-            z[key].append((est - truth) / err)
-            dev[key].append(np.where(np.arange(5) == 4, est - truth, est / truth - 1))
+            res = spectuner.fit_spectrum(windows, [mol], "random+slsqp", seed=case, **extra, **kw)
+            rows[key].append(_coverage_row(res, truth, names))
     for key in runs:
-        Z, D = np.array(z[key]), np.abs(np.array(dev[key]))
+        Z, D = np.array([r[0] for r in rows[key]]), np.abs(np.array([r[1] for r in rows[key]]))
+        F = {f: np.array([r[2][f] for r in rows[key]]) for f in rows[key][0][2]}
         for j, p in enumerate(names):
             ok = np.isfinite(Z[:, j])
-            print(f"run={key} param={p} cases={n_cases} finite={ok.sum()} "
+            print(f"kind={kind} run={key} param={p} cases={n_cases} finite={ok.sum()} "
                   f"within_1sigma={np.mean(np.abs(Z[ok, j]) <= 1):.2f} "
                   f"within_3sigma={np.mean(np.abs(Z[ok, j]) <= 3):.2f} "
+                  f"median_abs_z={np.median(np.abs(Z[ok, j])):.2f} "
+                  f"at_bound={F['at_bound_each'][:, j].sum()} "
                   f"median_abs_error={np.median(D[:, j]):.3g}", flush=True)  # fmt: skip
+        print(f"kind={kind} run={key} cases={n_cases} flagged="
+              f"{np.sum(F['polish_skipped'] | F['at_bound'] | F['nearly_thin'])} "
+              + " ".join(f"{f}={F[f].sum()}" for f in ("polish_skipped", "at_bound", "nearly_thin"))
+              + f" dropped={np.sum(F['dropped'] > 0)} median_dropped_frac="
+              f"{np.median(F['dropped']):.3g}", flush=True)  # fmt: skip
 
 
 BENCHES["coverage"] = bench_coverage
 
 
-def main() -> None:
+def main(argv=None) -> None:
     fmt = argparse.RawTextHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("which", choices=sorted(BENCHES), help="which benchmark to run")
@@ -529,10 +598,16 @@ def main() -> None:
         help="lte, cube: a Python with the "
         "reference Spectuner 2.0.0, timed beside the project (default: none)",
     )
-    args = parser.parse_args()
+    parser.add_argument("--kind", choices=("clean", "forest"), default="clean",
+                        help="coverage: clean synthetic CH3OH spectra, or CH3OH in line forests "
+                        "of forest.py's hot_corino preset (default: clean)")  # fmt: skip
+    args = parser.parse_args(argv)
     if args.ref_python and not Path(args.ref_python).is_file():
         parser.error(f"--ref_python {args.ref_python}: no such file")
+    if args.kind != "clean" and args.which != "coverage":
+        parser.error(f"--kind {args.kind}: only for coverage, not {args.which}")
     kwargs = {"ref_python": args.ref_python} if args.which in ("lte", "cube") else {}
+    kwargs |= {"kind": args.kind} if args.which == "coverage" else {}
     BENCHES[args.which](**kwargs)
 
 
