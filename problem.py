@@ -126,7 +126,7 @@ class Problem:
     """The loss of k molecules' LTE model against observed windows, over a parameter box.
 
     Args:
-        windows: Windows in the observed frame; nu_rest = nu_obs (1 + v_lsr / c) (method §9).
+        windows: Windows in the observed frame; nu_rest = nu_obs (1 + v_lsr / c) (method §3).
         molecules: lte.Molecule list, in the box's order; their intensities add (docs/method.md §2).
         box: from make_box. loss: "pm" or "chi2"; the losses of the windows add up.
         v_lsr_kms: systemic velocity. dish_m: single-dish diameter: eta is then the value at

@@ -1,5 +1,6 @@
 """Training states of the policy (method §6): synthetic, line-forest and real spectra, each a
 fitting problem (problem.Problem) plus the policy's tokens, and the processes that make them.
+"method §N" is a section of docs/method.md.
 
 A state is a function of its id, its kind (0 training, 1 evaluation of trained molecules, 2 of
 held-out ones) and cfg.seed, so a replay buffer or a checkpoint keeps only ids. `cfg` is train.py's
@@ -67,7 +68,7 @@ def load_molecules(names: list, cfg) -> dict:
 
 
 def load_real(folder: str, v_lsr_kms: float, holdout=()) -> list:
-    """Real windows (rest frame, method §9) from SPEC files and windows.csv, less the spw
+    """Real windows (rest frame, method §3) from SPEC files and windows.csv, less the spw
     numbers in holdout (issue 12: they are evaluated, never trained on); [] if absent."""
     if not folder or not (Path(folder) / "windows.csv").exists():
         return []
@@ -84,7 +85,7 @@ def load_real(folder: str, v_lsr_kms: float, holdout=()) -> list:
 
 
 def synthetic_windows(rng, target, others: list, box: dict, cfg) -> tuple:
-    """1..max_windows windows on the target's strong lines, target + others + noise (§6 a).
+    """1..max_windows windows on the target's strong lines, target + others + noise (method §6).
 
     The target's parameters are uniform over the box, redrawn (up to 64 times) until its
     brightest channel exceeds 5 rms, except in a fraction p_absent of states, where it is
@@ -177,7 +178,7 @@ def forest_state(sid: int, kind: int, rng, ctx: dict, cfg) -> dict:
 
 
 def _state(sid, name, mol, wins, real, u_true, ctx, cfg) -> dict:
-    """The state record: its fitting problem (the fit's own loss, §4) and the policy's tokens."""
+    """The state record: its fitting problem (its loss, method §4) and the policy's tokens."""
     fit = spectuner.Problem(wins, [mol], ctx["box"], cfg.loss)
     return dict(
         sid=sid, name=name, problem=fit, n_peaks=sum(c["obs"][2].size for c in fit.consts),

@@ -1,4 +1,7 @@
-"""Tests of spectuner.py: box, losses (§4), optimisers (§7), errors, fit_spectrum and the CLI."""
+"""Tests of spectuner.py: box, losses (§4), optimisers (§7), errors, fit_spectrum and the CLI.
+
+§N is a section of docs/method.md.
+"""
 
 import csv
 import json
@@ -271,7 +274,8 @@ def synthetic(mol, params, snr=40.0, seed=0):
         ("random+slsqp", list(CASES)),
         ("pso+slsqp", list(CASES)),
         # The bare swarm of §7 stops on the floor of the eta-N_tot-T_ex valley of the thin and
-        # broad cases, a few sigma from the minimum (its polish above reaches it); see the README.
+        # broad cases, a few sigma from the minimum (its polish above reaches it);
+        # docs/benchmarks.md §3.
         ("pso", ["thick", "narrow", "cold"]),
     ],
 )
