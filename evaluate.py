@@ -203,14 +203,20 @@ def relative(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Mean relative loss (with standard error) and mean nfev per group, method and N_init."""
+def summarise(rows: list[dict], within: float = 0.02) -> list[dict]:
+    """Mean relative loss (with standard error) and mean nfev per group, method and N_init, and
+    the fraction of the spectra where the loss is within `within` (relative) of the PSO run's,
+    L <= L_pso + within |L_pso| (issue 12's target; NaN where no PSO run exists)."""
     keys = sorted({(r["group"], r["method"], r["n_init"]) for r in rows if "rel_loss" in r})
+    pso = {(r["group"], int(r["case"])): float(r["loss"]) for r in rows
+           if r["method"] == "pso" and r.get("loss") not in (None, "")}  # fmt: skip
     out = []
     for g, m, n in keys:
         sel = [r for r in rows if (r["group"], r["method"], r["n_init"]) == (g, m, n)]
         rel = np.array([r["rel_loss"] for r in sel if "rel_loss" in r])
         nfev = np.array([r["nfev"] for r in sel if "nfev" in r])
+        ok = [float(r["loss"]) <= pso[key] + within * abs(pso[key]) for r in sel if "rel_loss" in r
+              and (key := (r["group"], int(r["case"]))) in pso]  # fmt: skip
         out.append(
             dict(
                 group=g,
@@ -222,6 +228,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 rel_loss_median=float(np.median(rel)),
                 nfev_mean=nfev.mean(),
                 time_s_mean=np.mean([r["time_s"] for r in sel if "time_s" in r]),
+                within_2pct_of_pso=float(np.mean(ok)) if ok else float("nan"),
             )
         )
     # fmt: skip

@@ -85,3 +85,13 @@ def test_command_line_lists_and_errors(tmp_path, capsys):
     assert "forest_heldout" in help_text  # the continuation comment line is part of the help
     with pytest.raises(FileNotFoundError, match="no such folder"):
         evaluate.load("SO2", evaluate.Config(catalog=str(tmp_path / "none")))
+
+
+def test_summary_counts_spectra_within_two_percent_of_pso():
+    rows = [dict(group="g", case=c, method=m, n_init=50, loss=L, nfev=1, time_s=0.1)
+            for c, (a, b) in enumerate([(-100.0, -98.5), (-100.0, -97.0), (10.0, 10.1)])
+            for m, L in (("pso", a), ("nn", b))]  # fmt: skip
+    summary = {s["method"]: s for s in evaluate.summarise(evaluate.relative(rows))}
+    # -98.5 is within 2 % of -100, -97 is not, 10.1 is within 2 % of 10
+    assert summary["nn"]["within_2pct_of_pso"] == pytest.approx(2 / 3)
+    assert summary["pso"]["within_2pct_of_pso"] == 1.0
