@@ -1,9 +1,8 @@
-"""Spectra in and out: SPEC files, their windows and noise, model spectra, the fit's outputs.
+"""Spectra in: SPEC files, the spectral windows in them and their noise (docs/method.md §2, §4).
 
-A SPEC file (two columns: observed frequency MHz, brightness K) becomes one Window per spectral
-window found in it (docs/method.md §2, the observed data), each with a noise estimate from its
-line-free channels; model_windows gives the summed LTE model per window at a fit (§2), and the
-printed table, JSON dict and figure of spectuner.py's fit command are made here.
+A SPEC file (two columns: observed frequency MHz, brightness K) becomes one Window (problem.py)
+per spectral window found in it, each with the noise of its line-free channels unless the rms is
+given; parse_assignments reads the --bounds and --fix values of the command lines.
 
     import spectra
     windows, why = spectra.read_spec_windows("data/demo_spectrum.txt")
@@ -13,13 +12,12 @@ printed table, JSON dict and figure of spectuner.py's fit command are made here.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
-import lte
-from problem import PARAM_NAMES, Problem, Window, make_box
-from uncertainty import limit_text
+from problem import Window
 
 # --- SPEC files ---
 
@@ -99,6 +97,26 @@ def read_spec_windows(
     windows = [Window(freq[a:b], T[a:b], estimate_rms(T[a:b]) if rms_K is None else rms_K,
                       T_bg_K, beam_arcsec) for a, b in bounds]  # fmt: skip
     return windows, why
+
+
+def read_spec_files(paths: list[str], rms_K: list | None = None, T_bg_K: float = 0.0,
+                    beam_arcsec: float | None = None) -> list[Window]:  # fmt: skip
+    """The windows of several SPEC files, in order; a file split into several windows gets a
+    note on stderr (read_spec_windows).
+
+    Args:
+        paths: SPEC files. rms_K: one noise per file, K (None or [] = estimated per window).
+        T_bg_K, beam_arcsec: as for read_spec_windows, for every file.
+    """
+    windows = []
+    for path, rms in zip(paths, rms_K or [None] * len(paths)):
+        found, why = read_spec_windows(path, rms, T_bg_K, beam_arcsec)
+        if why:
+            print(f"note: SPEC file {path} split into {len(found)} windows: {why}", file=sys.stderr)
+        windows += found
+    if len(windows) > len(paths):
+        print(f"windows={len(windows)} from {len(paths)} SPEC files", file=sys.stderr)
+    return windows
 
 
 def split_windows(freq_MHz: np.ndarray) -> tuple[list[tuple[int, int]], str]:
@@ -197,109 +215,3 @@ def parse_assignments(items: list[str], ranged: bool) -> dict:
             raise ValueError(f"{item!r}: expected {form} with numbers") from None
         out[key] = tuple(parts) if ranged else parts[0]
     return out
-
-
-# --- model spectra and the fit's outputs ---
-
-
-def model_windows(
-    windows: list[Window],
-    molecules: list,
-    params: dict,
-    v_lsr_kms: float = 0.0,
-    dish_m: float | None = None,
-) -> list[np.ndarray]:
-    """Summed LTE model per window at params {mol: {eta, T_ex, N_tot, delta_v, v_off}}.
-
-    Returns:
-        list of (C,) arrays, K, one per window (eta is the value at the data centre if dish_m).
-    """
-    X = np.array([[params[m.name][p] for p in PARAM_NAMES] for m in molecules]).reshape(1, -1)
-    names = [m.name for m in molecules]
-    fix = {f"{n}:{p}": X[0, 5 * k + i] for k, n in enumerate(names)
-           for i, p in enumerate(PARAM_NAMES)}  # fmt: skip
-    fit = Problem(windows, molecules, make_box(names, fix=fix), "chi2", v_lsr_kms, dish_m)
-    back = [np.argsort(np.argsort(np.asarray(w.freq_MHz), kind="stable")) for w in windows]
-    return [T[0][order] for T, order in zip(fit.model(X), back)]  # in each file's own order
-
-
-def result_lines(res: dict) -> list[str]:
-    """The printed report of a fit_spectrum result: value +- error and note per parameter, the
-    run's key=value line, the chi2 polish, detections and limits, parameters at a face."""
-    out = []
-    for name in res["params"]:
-        for p in PARAM_NAMES:
-            note = res["error_notes"][name].get(p, "")
-            out.append(f"{name:>10s} {p:>8s} = {res['params'][name][p]:11.4g} +- "
-                       f"{res['errors'][name][p]:9.3g}  {note}")  # fmt: skip
-    run = " ".join(
-        f"{k}={res[k]:.6g}" if isinstance(res[k], float) else f"{k}={res[k]}"
-        for k in ("loss", "nfev", "time_s", "method", "loss_name", "status")
-    )
-    out.append(run + " " + " ".join(f"tau_max[{m}]={t:.3g}" for m, t in res["tau_max"].items()))
-    if res["chi2_refine"]:  # issue 14: the pm optimum refined by least squares
-        c = res["chi2_refine"]
-        out.append(f"chi2_refine: chi2 {c['chi2_pm']:.6g} -> {c['chi2']:.6g} on {c['n_chan']} "
-                   f"channels ({c['n_dropped']} unexplained left out) "
-                   f"nfev={c['nfev']}")  # fmt: skip
-        if "kept_pm" in c:
-            out.append(f"chi2_refine not applied: {c['kept_pm']}")
-    for name, det in res["detection"].items():  # issue 15: detections and upper limits
-        out.append(limit_text(name, det))
-    for name, flags in res["at_bound"].items():
-        for p, side in flags.items():
-            out.append(f"at_bound[{name}:{p}]={side}: {res['error_notes'][name][p]}")
-    return out
-
-
-def result_json(res: dict, config: dict) -> dict:
-    """A fit_spectrum result as written by --json: per molecule the values and NAME_err (NaN
-    as null), the run's fields, detections, and the config."""
-    nan_to_none = lambda v: None if np.isnan(v) else v  # noqa: E731
-    mols = {
-        m: {
-            **res["params"][m],
-            **{f"{p}_err": nan_to_none(e) for p, e in res["errors"][m].items()},
-        }
-        for m in res["params"]
-    }
-    return dict(
-        molecules=mols,
-        **{
-            k: res[k]
-            for k in ("loss", "nfev", "method", "loss_name", "time_s", "status", "error_notes")
-            + ("tau_max", "source_size_arcsec", "eta_ref_MHz", "at_bound", "chi2_refine")
-            if k in res
-        },
-        detection={
-            m: {k: nan_to_none(v) if isinstance(v, float) else v for k, v in d.items()}
-            for m, d in res["detection"].items()
-        },  # fmt: skip
-        config=config,
-    )
-
-
-def plot_fit(path: str, windows: list[Window], models: list[np.ndarray], title: str) -> None:
-    """Per window: data, model and residual (offset below), whole and +-25 km/s around the
-    brightest model line; saved to path."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(13, 1.9 * len(windows) + 0.6), layout="constrained")
-    axes = fig.subplots(len(windows), 2, squeeze=False, width_ratios=(3, 1))
-    for (ax_all, ax_zoom), w, m in zip(axes, windows, models):
-        f0 = w.freq_MHz[np.argmax(m)]
-        near = np.abs(w.freq_MHz - f0) < 25.0 / lte.C_KMS * f0
-        offset = 0.4 * np.abs(w.T_obs_K).max()
-        for ax, sel in ((ax_all, slice(None)), (ax_zoom, near)):
-            f = w.freq_MHz[sel]
-            ax.plot(f, w.T_obs_K[sel], "k", lw=0.5, drawstyle="steps-mid", label="data")
-            ax.plot(f, m[sel], "C3", lw=0.8, label="model")
-            ax.plot(f, w.T_obs_K[sel] - m[sel] - offset, "C0", lw=0.5, label="residual - offset")
-        ax_all.set_ylabel("T [K]")
-    for ax in axes.ravel():
-        ax.ticklabel_format(useOffset=False)
-    ax_all.set_xlabel("observed frequency [MHz]")
-    ax_zoom.set_xlabel("observed frequency [MHz] (+-25 km/s)")
-    ax_zoom.legend(loc="upper right", fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100)

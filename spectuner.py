@@ -1,11 +1,12 @@
-"""Fit one spectrum with the LTE model: `fit_spectrum` and the command line (`fit`, `model`).
+"""Fit one spectrum with the LTE model from the command line: `fit` SPEC files, or `model`.
 
-Implements docs/method.md §3 (unit cube over the parameter box, problem.py), §4 (chi2 and
-peak-matching losses, losses.py), §7 (best of N_init starts refined by SLSQP or Nelder-Mead;
-particle swarm, optionally polished by the same local optimisers, ours: methods.py) and the
-1-sigma errors of issue 3 (uncertainty.py), for Qiu et al., arXiv:2511.21027 (Spectuner-D1) and
-Spectuner (ApJS 277, 21). SPEC files, model spectra and the outputs are in spectra.py; the names
-that train, fit_cube, evaluate and bench use are re-exported here (spectuner.read_spec, ...).
+The fit is fitting.fit_spectrum (docs/method.md §3 unit cube over the parameter box, problem.py;
+§4 chi2 and peak-matching losses, losses.py; §7 best of N_init starts refined by SLSQP or
+Nelder-Mead, particle swarm, matched filter or policy network, methods.py; the 1-sigma errors of
+issue 3 and the limits of issue 15, uncertainty.py), for Qiu et al., arXiv:2511.21027
+(Spectuner-D1) and Spectuner (ApJS 277, 21). SPEC files are read by spectra.py and the outputs
+made by report.py. The names that fit_cube, train, evaluate and bench use are re-exported here
+(spectuner.fit_spectrum, spectuner.read_spec, spectuner.METHODS, ...).
 
     python spectuner.py fit data/demo_spectrum.txt --mol CH3OH --v_lsr 5 --json fit.json \
         --plot fit.png
@@ -21,19 +22,17 @@ import inspect
 import json
 import re
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
 import lte
+from fitting import fit_spectrum
 from losses import LOSSES, PEAK_SIGMA, find_spans, fp_weight, loss_chi2, loss_pm  # noqa: F401
 from methods import (  # noqa: F401  (re-exported: spectuner.METHODS, spectuner.policy_starts, ...)
     DEFAULT_POLICY,
     METHODS,
     line_table,
     load_policy,
-    network_starts,
     policy_starts,
     resolve_method,
     run_pso,
@@ -50,15 +49,13 @@ from problem import (  # noqa: F401  (the box and window are part of this module
     to_physical,
     to_unit,
 )
+from report import model_windows, plot_fit, result_json, result_lines, write_spectra
 from spectra import (  # noqa: F401  (re-exported: spectuner.read_spec, spectuner.estimate_rms, ...)
     estimate_rms,
-    model_windows,
     parse_assignments,
-    plot_fit,
     read_spec,
+    read_spec_files,
     read_spec_windows,
-    result_json,
-    result_lines,
 )
 from uncertainty import (  # noqa: F401  (re-exported: spectuner.detect_and_limit, ...)
     DETECT_DCHI2,
@@ -66,10 +63,7 @@ from uncertainty import (  # noqa: F401  (re-exported: spectuner.detect_and_limi
     NEARLY_THIN_TAU,
     detect_and_limit,
     noise_residuals,
-    physical_errors,
-    polish_pm,
     residuals_at,
-    thin_remarks,
     unexplained_channels,
 )
 
@@ -102,151 +96,6 @@ class Config:
     out: str = "model.txt"  # model: output spectrum (freq MHz, T K); _i suffix for several grids
 
 
-# --- the fit ---
-
-
-def fit_spectrum(
-    windows: list[Window],
-    molecules: list,
-    method: str = "auto",
-    loss: str = "pm",
-    n_init: int = 50,
-    seed: int = 0,
-    bounds: dict | None = None,
-    fix: dict | None = None,
-    v_lsr_kms: float = 0.0,
-    dish_m: float | None = None,
-    policy=None,
-    pso_restarts: int = 1,
-    starts=None,
-    chi2_refine: bool = True,
-    n_refine: int = 1,
-) -> dict:
-    """Fit k molecules jointly (5 LTE parameters each) to the windows (§3, §4, §7).
-
-    Args:
-        windows: observed windows (observed frame); the losses of the windows add up.
-        molecules: lte.Molecule list; their intensities are summed.
-        method: a key of METHODS, or "auto": nn+slsqp when a policy is available (`policy`, or
-            data/policy.pt), else random+slsqp (said in the result's "note").
-        loss: "pm" or "chi2". n_init: random starts, or policy samples for the nn methods.
-        seed: seeds all draws; the result is deterministic for a seed.
-        bounds, fix: see make_box. v_lsr_kms: systemic velocity (nu_rest = nu_obs (1 + v / c)).
-        dish_m: single-dish diameter; eta is then the value at the data centre (§2).
-        policy: path of a policy file, or a loaded (net, model config); None = data/policy.pt.
-            A spectrum outside what it was trained on falls back to random starts (the result's
-            "fallback" says why). pso_restarts: independent swarms for the pso methods.
-        starts: for the nn methods, (n_init, n_free) unit-cube starts drawn elsewhere (or the
-            reason string) from policy_starts, which batches the network over many spectra.
-        chi2_refine: with the pm loss, refine its optimum by least squares (chi2_polish) on the
-            channels the model explains, so that the values and the errors (chi2 curvature)
-            belong to one minimum (issue 14). loss and nfev stay the optimiser's (method §8).
-        n_refine: the best n_refine distinct starts (more than 0.05 apart in the unit cube)
-            are refined and the best result kept; their runs are in nfev. The command line's
-            default is 2 (docs/benchmarks.md §8); 1 here keeps library calls as before.
-
-    Returns:
-        dict: params, errors, error_notes ({mol: {name: ...}}: why an error is NaN, or a
-        warning), loss, nfev (the fit's forward-model evaluations), nfev_errors, time_s, status,
-        method, loss_name, tau_max ({mol: largest line-centre opacity at the fit}),
-        chi2_refine (chi2_polish's info, None without it), at_bound, detection (+
-        source_size_arcsec and eta_ref_MHz for a single dish). The errors are statistical
-        (Gauss-Newton on chi2 at the optimum, noise only): lines of other molecules and model
-        errors are not in them.
-
-    Raises:
-        ValueError: unknown method or loss, no or duplicate molecules, nothing free to fit.
-    """
-    t0 = time.perf_counter()
-    # --- the problem: method, box and objective (§3, §4) ---
-    method, note = resolve_method(method, policy)
-    names = _check_fit(method, loss, molecules, n_refine)
-    box = make_box(names, bounds, fix)
-    if not box["free"].any():
-        raise ValueError("every parameter is fixed: nothing to fit (use the model command)")
-    objective = Problem(windows, molecules, box, loss, v_lsr_kms, dish_m)
-    # --- starts and local refinement (§7) ---
-    rng = np.random.default_rng(seed)
-    n_free = int(box["free"].sum())
-    method, kw, fallback = network_starts(
-        method, starts, policy, objective.windows, molecules, box, seed
-    )
-    u, best, nfev, status = METHODS[method](
-        objective, n_free, n_init, rng, n_restarts=pso_restarts, n_refine=n_refine, **kw
-    )
-    assert nfev == objective.nfev, (nfev, objective.nfev)  # every model run is counted
-    # --- values and errors of one chi2 minimum (issues 3, 14) ---
-    polish, resid_fit = None, objective.resid
-    if loss == "pm" and chi2_refine:
-        u, resid_fit, polish = polish_pm(objective.resid, objective.resid_x, u, box)
-    X, sigma, notes, at_bound, nfev_err = physical_errors(resid_fit, u, box)
-    tau_max, remarks_thin = thin_remarks(objective, X, molecules, box)
-    result = dict(
-        params=_per_molecule(names, X),
-        errors=_per_molecule(names, sigma),
-        error_notes=_notes_per_molecule(names, {**remarks_thin, **notes}),  # why NaN, or a warning
-        loss=float(best),
-        nfev=int(nfev),
-        nfev_errors=nfev_err,
-        time_s=time.perf_counter() - t0,
-        status=status if np.isfinite(best) else "non-finite loss",
-        method=method,
-        loss_name=loss,
-        note=note,
-        fallback=fallback,
-        tau_max=tau_max,
-    )
-    # --- issue 15: faces of the box, detection and upper limits on N_tot ---
-    result["at_bound"] = {m: {PARAM_NAMES[i % 5]: side for i, side in at_bound.items()
-                              if i // 5 == k} for k, m in enumerate(names)}  # fmt: skip
-    result["chi2_refine"] = polish
-    result["detection"] = {
-        m: detect_and_limit(objective.resid_x, X, k, box) for k, m in enumerate(names)
-    }
-    if dish_m:
-        result |= _source_size(objective.nu_ref, X, names, dish_m)
-    return result
-
-
-def _check_fit(method: str, loss: str, molecules: list, n_refine: int) -> list[str]:
-    """The molecules' names, after checking fit_spectrum's method, loss, molecules, n_refine."""
-    if method not in METHODS or loss not in LOSSES:
-        raise ValueError(
-            f"method {method!r} / loss {loss!r}: expected one of "
-            f"{sorted(METHODS)} / {sorted(LOSSES)}"
-        )
-    names = [m.name for m in molecules]
-    if not names or len(set(names)) < len(names):
-        raise ValueError(f"molecules {names}: expected at least one, each once")
-    if n_refine < 1:
-        raise ValueError(f"n_refine={n_refine}: expected an integer >= 1")
-    return names
-
-
-def _per_molecule(names: list, a: np.ndarray) -> dict:
-    """A (5 k,) vector as {mol: {eta, T_ex, N_tot, delta_v, v_off}} of floats."""
-    return {
-        m: dict(zip(PARAM_NAMES, map(float, a[5 * k : 5 * k + 5]))) for k, m in enumerate(names)
-    }
-
-
-def _notes_per_molecule(names: list, notes: dict) -> dict:
-    """{index into the 5 k vector: text} as {mol: {name: text}}."""
-    out = {m: {} for m in names}
-    for i, reason in notes.items():
-        out[names[i // 5]][PARAM_NAMES[i % 5]] = reason
-    return out
-
-
-def _source_size(nu_ref_MHz: float, X: np.ndarray, names: list, dish_m: float) -> dict:
-    """Single dish (§2): the source size that eta = theta_s^2 / (theta_s^2 + theta_b^2) implies
-    at the reference frequency, where the beam is 1.22 lambda / D."""
-    beam_ref = 1.22 * lte.C_KMS * 1e3 / (nu_ref_MHz * 1e6 * dish_m) * 206264.806  # arcsec
-    eta = X[0::5]
-    sizes = dict(zip(names, map(float, beam_ref * np.sqrt(eta / (1 - eta)))))
-    return dict(source_size_arcsec=sizes, eta_ref_MHz=nu_ref_MHz)
-
-
 # --- command line ---
 
 
@@ -271,22 +120,14 @@ def check_config(cfg: Config) -> None:
 
 
 def read_windows(cfg: Config) -> list[Window]:
-    """The windows of the SPEC files (their notes on stderr), or for `model` without SPEC files
-    the --freq_MHz grid.
+    """The windows of the SPEC files, or for `model` without SPEC files the --freq_MHz grid.
 
     Raises:
         ValueError: a bad --freq_MHz, no SPEC file, and those of spectra.read_spec_windows.
     """
-    rms = (cfg.rms * len(cfg.spec) if len(cfg.rms) == 1 else cfg.rms) or [None] * len(cfg.spec)
+    rms = cfg.rms * len(cfg.spec) if len(cfg.rms) == 1 else cfg.rms
     beam = cfg.beam_arcsec or None
-    windows = []
-    for path, rms_K in zip(cfg.spec, rms):
-        found, why = read_spec_windows(path, rms_K, cfg.T_bg_K, beam)
-        if why:
-            print(f"note: SPEC file {path} split into {len(found)} windows: {why}", file=sys.stderr)
-        windows += found
-    if len(windows) > len(cfg.spec):
-        print(f"windows={len(windows)} from {len(cfg.spec)} SPEC files", file=sys.stderr)
+    windows = read_spec_files(cfg.spec, rms, cfg.T_bg_K, beam)
     if cfg.command == "model" and not windows:
         try:
             lo, hi, n = (float(v) for v in cfg.freq_MHz.split(":"))
@@ -320,14 +161,8 @@ def write_model(cfg: Config, windows: list, molecules: list, fix: dict, dish_m) 
         raise ValueError(f"model needs --fix for every parameter; missing: {missing}")
     X = to_physical(np.zeros((1, 0)), box)[0]
     params = {m.name: dict(zip(PARAM_NAMES, X[5 * k : 5 * k + 5])) for k, m in enumerate(molecules)}
-    rng = np.random.default_rng(cfg.seed)
     models = model_windows(windows, molecules, params, cfg.v_lsr, dish_m)
-    for i, (w, T) in enumerate(zip(windows, models)):
-        noise = rng.normal(0.0, cfg.rms[min(i, len(cfg.rms) - 1)], T.size) if cfg.rms else 0
-        out = Path(cfg.out)
-        out = out if len(windows) == 1 else out.with_stem(f"{out.stem}_{i}")
-        np.savetxt(out, np.column_stack([w.freq_MHz, T + noise]), fmt="%.9e")
-        print(f"wrote={out} n_chan={T.size} peak_K={T.max():.4g}")
+    write_spectra(cfg.out, windows, models, cfg.rms, cfg.seed)
     return params
 
 
