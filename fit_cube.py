@@ -5,7 +5,9 @@ beams honoured), estimates the noise of each pixel from its line-free channels, 
 with enough peaks with `spectuner.fit_spectrum` in worker processes (or on Dask distributed), and
 writes one FITS map per parameter with the cube's celestial WCS, plus error, peak-opacity, loss,
 nfev and status maps, the model cube and a summary. Results are flushed in chunks; `--resume`
-continues a partial run.
+continues a partial run. The work is done by cube_io.py (reading), cube_run.py (the pixels and
+workers), cube_store.py (chunks, resume) and cube_maps.py (the outputs); this script holds the
+Config, the checks made before the first pixel, main and the command line.
 
     python fit_cube.py data/demo_cube.fits --mol CH3OH
     python fit_cube.py cube.fits --mol CH3OH CH3OCHO --v_lsr 2.7 --region 10:40,20:60 --resume
