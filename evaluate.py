@@ -7,13 +7,16 @@ synthetic spectra of held-out molecules (true parameters known), and the real IR
 windows.
 
     python evaluate.py --n_spectra 200 --out runs/eval            # the full comparison
-    python evaluate.py --n_spectra 5 --groups trained --methods random+slsqp,pso --out /tmp/e
+    python evaluate.py --n_spectra 5 --groups trained --methods random+slsqp pso --out /tmp/e
 """
 
 import argparse
 import csv
 import dataclasses
+import inspect
 import json
+import re
+import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -26,31 +29,41 @@ import spectuner
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
+METHODS = ["nn", "nn+slsqp", "nn+nelder-mead", "nn+stack+slsqp", "stack", "stack+slsqp",
+           "random+slsqp", "random+nelder-mead", "pso"]  # fmt: skip
+
+
+def _list(*items):
+    return dataclasses.field(default_factory=lambda: list(items))
+
+
 @dataclasses.dataclass
 class Config:
     out: str = "runs/eval"  # output folder: config.json, results.csv, summary.csv, figure.png
     n_spectra: int = 200  # synthetic spectra per group
-    groups: str = "trained,heldout,real"  # comma list: trained, heldout, real, forest_trained,
-    # forest_heldout (line forests of forest.py, preset hot_corino, trained / held-out targets)
-    trained: str = "CH3OH,CH3CHO,SO2,HC3N,CH3CN"  # molecules of the training set (synthetic group)
-    heldout: str = "CH3OCHO,CH3OCH3,C2H3CN"  # molecules never seen in training
-    real_mols: str = "CH3OH,SO2,OCS,HC3N"  # molecules fitted on the real windows
-    real_spw: str = "85,89,105,109"  # comma list of the real windows fitted ("" = all ten);
+    groups: list[str] = _list("trained", "heldout", "real")  # of trained, heldout, real,
+    # forest_trained, forest_heldout (line forests of forest.py, preset hot_corino, trained /
+    # held-out targets)
+    trained: list[str] = _list("CH3OH", "CH3CHO", "SO2", "HC3N", "CH3CN")  # molecules of the
+    # training set (synthetic group)
+    heldout: list[str] = _list("CH3OCHO", "CH3OCH3", "C2H3CN")  # molecules never seen in training
+    real_mols: list[str] = _list("CH3OH", "SO2", "OCS", "HC3N")  # molecules fitted on real windows
+    real_spw: list[str] = _list("85", "89", "105", "109")  # real windows fitted ("all" = all ten);
     # the default is train.py's real_holdout, the windows never trained on
+    real_dir: str = str(SHARED / "spectra" / "iras16293b")  # the real windows (windows.csv and
+    # spw*.dat, see ../shared/data/README.md); the real group is skipped when it is absent
     catalog: str = str(SHARED / "catalogs")  # where names other than the bundled CH3OH resolve
-    methods: str = (
-        "nn,nn+slsqp,nn+nelder-mead,nn+stack+slsqp,stack,stack+slsqp,random+slsqp,"
-        "random+nelder-mead,pso"
-    )  # comma list of spectuner.METHODS keys
-    nn_n_init: str = "10,25,50,100"  # N_init values for the network-only method
+    methods: list[str] = _list(*METHODS)  # spectuner.METHODS keys
+    nn_n_init: list[int] = _list(10, 25, 50, 100)  # N_init values for the network-only method
     n_init: int = 50  # N_init of every other method
     n_refine: int = 2  # best distinct starts refined by the local methods (spectuner n_refine)
     ref_restarts: int = 3  # particle-swarm restarts of the reference optimum (0 = none)
-    inputs: str = ""  # comma list of results.csv files to merge and summarise instead of fitting
+    inputs: list[str] = _list()  # results.csv files to merge and summarise instead of fitting
     loss: str = "pm"  # pm or chi2
     policy: str = "data/policy.pt"  # trained policy for the nn methods
     window_MHz: float = 250.0  # width of a synthetic window
-    snr_range: str = "10:100"  # peak signal-to-noise of the synthetic spectra, drawn log-uniform
+    snr_range: list[float] = _list(10.0, 100.0)  # peak signal-to-noise of the synthetic spectra,
+    # drawn log-uniform between these
     confusion: int = 1  # other molecules added to each synthetic spectrum (line confusion)
     workers: int = 1  # processes; the result does not depend on it
     seed: int = 0  # every draw derives from it
@@ -83,7 +96,7 @@ def synthetic_case(mol, others, rng, cfg) -> dict:
         T = lte.spectrum(freq, mol, truth[None])[0]
         if T.max() > 0.01:
             break
-    snr_lo, snr_hi = (float(x) for x in cfg.snr_range.split(":"))
+    snr_lo, snr_hi = cfg.snr_range
     rms = T.max() / 10 ** rng.uniform(np.log10(snr_lo), np.log10(snr_hi))
     for other in rng.choice(len(others), size=min(cfg.confusion, len(others)), replace=False):
         T = T + lte.spectrum(freq, others[other], draw_params(rng)[None])[0]
@@ -96,7 +109,7 @@ def forest_cases(group: str, cfg, rng) -> list[dict]:
     in a forest without held-out ones (forest_trained), or a held-out molecule (forest_heldout)."""
     import forest
 
-    held = cfg.heldout.split(",")
+    held = cfg.heldout
     mols = forest.load_forest_molecules(cfg.catalog, quiet=True)
     exclude = held if group == "forest_trained" else ()
     names = sorted(n for n in mols if forest.is_excluded(n, held) == (group == "forest_heldout"))
@@ -113,13 +126,13 @@ def forest_cases(group: str, cfg, rng) -> list[dict]:
 
 def real_cases(cfg) -> list[dict]:
     """The IRAS 16293-2422 B windows, one case per molecule with lines in them."""
-    folder = SHARED / "spectra" / "iras16293b"
+    folder = Path(cfg.real_dir)
     if not folder.is_dir():
         print(f"skip=real reason='{folder} is absent'")
         return []
     meta = np.genfromtxt(folder / "windows.csv", delimiter=",", names=True)
     windows = []
-    keep = {int(s) for s in cfg.real_spw.split(",")} if cfg.real_spw else None
+    keep = None if "all" in cfg.real_spw else {int(s) for s in cfg.real_spw}
     for row in meta:
         if keep is not None and int(row["spw"]) not in keep:
             continue
@@ -127,7 +140,7 @@ def real_cases(cfg) -> list[dict]:
         windows.append(spectuner.read_spec(path, float(row["rms_K"]), float(row["T_bg_K"]),
                                            float(row["beam_fwhm_arcsec"])))  # fmt: skip
     cases = []
-    for name in cfg.real_mols.split(","):
+    for name in cfg.real_mols:
         mol = load(name, cfg)
         cases.append(dict(windows=windows, mol=mol, truth=None, v_lsr=2.7))
     return cases
@@ -135,6 +148,9 @@ def real_cases(cfg) -> list[dict]:
 
 def load(name: str, cfg):
     """The bundled entry for CH3OH, else the catalogue folder's."""
+    if name != "CH3OH" and not Path(cfg.catalog).is_dir():
+        raise FileNotFoundError(f"--catalog {cfg.catalog}: no such folder; {name} needs a "
+                                "catalogue folder (only CH3OH is bundled)")  # fmt: skip
     return lte.load_molecule(name) if name == "CH3OH" else lte.load_molecule(name, cfg.catalog)
 
 
@@ -144,9 +160,9 @@ def load(name: str, cfg):
 def run_case(args) -> list[dict]:
     """Every method on one case (a worker task); rows of results."""
     group, index, case, cfg = args
-    runs = [(m, cfg.n_init) for m in cfg.methods.split(",") if m != "nn"]
-    if "nn" in cfg.methods.split(","):
-        runs += [("nn", int(n)) for n in cfg.nn_n_init.split(",")]
+    runs = [(m, cfg.n_init) for m in cfg.methods if m != "nn"]
+    if "nn" in cfg.methods:
+        runs += [("nn", n) for n in cfg.nn_n_init]
     if cfg.ref_restarts > 0:
         runs.append(("reference", cfg.n_init))
     rows = []
@@ -236,19 +252,58 @@ def plot(summary: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def config_parser(cls, positional=(), options=None, **parser_kw) -> argparse.ArgumentParser:
+    """An argparse parser made from a Config dataclass (the same helper is in every script).
+
+    One argument per field: the type from the annotation or the default, bools as --name /
+    --no-name flags, lists as nargs="+", the help from the field's trailing comment and its
+    continuation comment lines, then the default. Fields in `positional` are positional (lists
+    take any number of words); `options` adds argparse keywords per field (choices, required).
+    """
+    helps, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field = re.match(r"    (\w+):[^#]*?(?:#\s*(.*))?$", line)
+        more = re.match(r"\s*#\s*(.*)$", line)
+        if more and last:
+            helps[last] += " " + more[1]
+        elif field and not line.lstrip().startswith(("@", "class", "def")):
+            last, helps[field[1]] = field[1], field[2] or ""
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     **parser_kw)  # fmt: skip
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        kind = dict(type=types.get(name, type(default)))
+        if isinstance(default, bool):
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif isinstance(default, list):
+            elem = type(default[0]) if default else next(
+                (t for k, t in types.items() if f"[{k}]" in str(f.type)), str)  # fmt: skip
+            kind = dict(type=elem, nargs="*" if f.name in positional else "+")
+        elif f.name in positional:
+            kind["nargs"] = "?"
+        kind.update((options or {}).get(f.name, {}))
+        text = helps.get(f.name, "").replace("%", "%%")
+        if f.name in positional:
+            parser.add_argument(f.name, default=default, help=text, **kind)
+        else:
+            shown = " ".join(map(str, default)) or "none" if isinstance(default, list) else \
+                repr(default) if default == "" else default  # fmt: skip
+            text += "" if kind.get("required") else f" (default: {shown})"
+            parser.add_argument(f"--{f.name}", default=default, help=text, **kind)
+    return parser
+
+
 def parse_config(argv=None) -> Config:
-    """Config from the command line (--field value for each dataclass field)."""
-    fmt = argparse.RawTextHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    for f in dataclasses.fields(Config):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    return Config(**vars(parser.parse_args(argv)))
+    """Config from the command line (config_parser)."""
+    return Config(**vars(config_parser(Config, description=__doc__).parse_args(argv)))
 
 
-def read_rows(paths: str) -> list[dict]:
+def read_rows(paths: list[str]) -> list[dict]:
     """Rows of earlier results.csv files (same cases: same seed and spectra settings)."""
     rows = []
-    for path in paths.split(","):
+    for path in paths:
         with open(path, newline="") as fh:
             for r in csv.DictReader(fh):
                 r["case"], r["n_init"] = int(r["case"]), int(r["n_init"])
@@ -262,17 +317,17 @@ def read_rows(paths: str) -> list[dict]:
 def fit_all(cfg: Config) -> list[dict]:
     """Make the spectra and fit each with every method; rows of raw results."""
     rng = np.random.default_rng(cfg.seed)
-    groups = cfg.groups.split(",")
+    groups = cfg.groups
     known = {"trained", "heldout", "real", "forest_trained", "forest_heldout"}
     if not set(groups) <= known:
-        raise ValueError(f"--groups {cfg.groups!r}: expected a comma list of {sorted(known)}")
-    trained = [load(n, cfg) for n in cfg.trained.split(",")]
+        raise ValueError(f"--groups {' '.join(groups)}: expected some of {sorted(known)}")
+    trained = [load(n, cfg) for n in cfg.trained]
     tasks = []
     if "real" in groups:
         tasks += [("real", i, case, cfg) for i, case in enumerate(real_cases(cfg))]
     synthetic = {g: [] for g in ("trained", "heldout") if g in groups}
     for group in synthetic:
-        pool = trained if group == "trained" else [load(n, cfg) for n in cfg.heldout.split(",")]
+        pool = trained if group == "trained" else [load(n, cfg) for n in cfg.heldout]
         for i in range(cfg.n_spectra):
             mol = pool[i % len(pool)]
             others = [m for m in trained if m.name != mol.name]
@@ -322,4 +377,8 @@ def main(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(parse_config())
+    try:
+        main(parse_config())
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -15,11 +15,13 @@ Extensions TRUE_<MOLECULE>_<PARAM> (PARAM: ETA, T_EX, N_TOT, DELTA_V, V_OFF, fit
 hold the injected maps.
 
     python forest_cube.py cube out.fits --n_pix 16 --seed 0
-    python forest_cube.py cube out.fits --n_pix 32 --n_mol 20 --band 7 --exclude CH3OCHO,C2H3CN
+    python forest_cube.py cube out.fits --n_pix 32 --n_mol 20 --band 7 --exclude CH3OCHO C2H3CN
 """
 
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,8 @@ class Config:
     chan_kms: float = 0.5  # channel width [km/s]
     band: int = 6  # ALMA band 3..7
     n_mol: int = 8  # molecules (CH3OH first, then drawn)
-    exclude: str = ""  # comma-separated molecules never used (e.g. held-out ones)
+    exclude: list[str] = dataclasses.field(default_factory=list)  # molecules never used (e.g.
+    # held-out ones)
     T_src_K: float = 200.0  # central temperature [K]
     log10_N_CH3OH: float = 18.5  # central CH3OH column [log10 cm^-2]
     fwhm_kms: float = 2.0  # line width outside the centre [km/s]
@@ -84,11 +87,11 @@ def make_cube(cfg: Config) -> dict:
     if cfg.n_pix < 2 or cfg.n_chan < 16 or cfg.n_mol < 1:
         raise ValueError(f"need n_pix >= 2, n_chan >= 16, n_mol >= 1; got {cfg}")
     rng = np.random.default_rng(cfg.seed)
-    exclude = [e for e in cfg.exclude.split(",") if e]
+    exclude = list(cfg.exclude)
     molecules = forest.load_forest_molecules(cfg.catalog, exclude=exclude)
     if "CH3OH" not in molecules:
         raise ValueError(f"CH3OH (the window's and the columns' reference) is missing or excluded "
-                         f"(--exclude {cfg.exclude!r}, --catalog {cfg.catalog})")  # fmt: skip
+                         f"(--exclude {' '.join(exclude)}, --catalog {cfg.catalog})")  # fmt: skip
     lo, hi = (1e3 * f for f in forest.BANDS_GHZ[cfg.band])
     centre = forest.strong_line_MHz(rng, molecules["CH3OH"], cfg.T_src_K, lo, hi)
     df = centre * cfg.chan_kms / lte.C_KMS
@@ -124,16 +127,57 @@ def json_config(cfg: Config) -> str:
     return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
 
 
+def config_parser(cls, positional=(), options=None, **parser_kw) -> argparse.ArgumentParser:
+    """An argparse parser made from a Config dataclass (the same helper is in every script).
+
+    One argument per field: the type from the annotation or the default, bools as --name /
+    --no-name flags, lists as nargs="+", the help from the field's trailing comment and its
+    continuation comment lines, then the default. Fields in `positional` are positional (lists
+    take any number of words); `options` adds argparse keywords per field (choices, required).
+    """
+    helps, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field = re.match(r"    (\w+):[^#]*?(?:#\s*(.*))?$", line)
+        more = re.match(r"\s*#\s*(.*)$", line)
+        if more and last:
+            helps[last] += " " + more[1]
+        elif field and not line.lstrip().startswith(("@", "class", "def")):
+            last, helps[field[1]] = field[1], field[2] or ""
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     **parser_kw)  # fmt: skip
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        kind = dict(type=types.get(name, type(default)))
+        if isinstance(default, bool):
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif isinstance(default, list):
+            elem = type(default[0]) if default else next(
+                (t for k, t in types.items() if f"[{k}]" in str(f.type)), str)  # fmt: skip
+            kind = dict(type=elem, nargs="*" if f.name in positional else "+")
+        elif f.name in positional:
+            kind["nargs"] = "?"
+        kind.update((options or {}).get(f.name, {}))
+        text = helps.get(f.name, "").replace("%", "%%")
+        if f.name in positional:
+            parser.add_argument(f.name, default=default, help=text, **kind)
+        else:
+            shown = " ".join(map(str, default)) or "none" if isinstance(default, list) else \
+                repr(default) if default == "" else default  # fmt: skip
+            text += "" if kind.get("required") else f" (default: {shown})"
+            parser.add_argument(f"--{f.name}", default=default, help=text, **kind)
+    return parser
+
+
 def parse_config(argv) -> Config:
-    """Config from the command line: positional command and output file, then --field value."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    """Config from the command line (config_parser): the command and output file, then options."""
+    parser = config_parser(
+        Config,
+        positional=("command", "out"),
+        options={"command": dict(choices=["cube"])},
+        description=__doc__,
     )
-    parser.add_argument("command", choices=["cube"])
-    parser.add_argument("out")
-    for f in dataclasses.fields(Config):
-        if f.name not in ("command", "out"):
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     return Config(**vars(parser.parse_args(argv)))
 
 

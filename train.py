@@ -21,10 +21,10 @@ drawn with probability p_i^alpha / sum p^alpha and weighted by importance weight
 best action as a (K+1)-th member of the set: it enters the standardisation and the leave-one-out
 baselines, and its own log-probability is pushed up by its (non-negative) advantage (self
 imitation). Priority = relative lag of the current policy's best sample behind the stored best,
-(L_policy - L_best) / (|L_best| + scale) + eps, scale = rms for pm and 1 for chi2. `--per 0`
+(L_policy - L_best) / (|L_best| + scale) + eps, scale = rms for pm and 1 for chi2. `--no-per`
 turns the buffer off (fresh states only).
 A fresh synthetic state's true parameters join its set the same way, as member K+1 and as the
-first stored best when they beat the samples (ours; `--use_truth 0` turns this off); real states
+first stored best when they beat the samples (ours; `--no-use_truth` turns this off); real states
 have no truth, and a stored global-search answer (`train.py real_best`, data/real_best.json)
 takes its place. Rewards are rank-shaped before standardisation (`--shaping raw` keeps -loss).
 Exploration (issue 12): a share explore_frac of each state's K samples is uniform over the
@@ -33,8 +33,8 @@ balance-heuristic weights pi / ((1 - e) pi + e) (see reinforce_loss). Evaluation
 samples' per-dimension std and the fraction at the box faces (eval_std_*, eval_face).
 
     python train.py train --run_dir runs/main
-    python train.py train --run_dir runs/main --resume 1
-    python train.py train --run_dir runs/no_per --per 0
+    python train.py train --run_dir runs/main --resume
+    python train.py train --run_dir runs/no_per --no-per
     python train.py export runs/main/best.pt data/policy.pt
 """
 
@@ -68,7 +68,7 @@ class Config:
     # (OUT: a global search on the real training windows, the known answer of real states)
     paths: list[str] = dataclasses.field(default_factory=list)  # export: CKPT OUT
     run_dir: str = "runs/main"  # checkpoints, metrics.csv, config.json, best.pt
-    resume: int = 0  # 1 = continue from run_dir/ckpt.pt
+    resume: bool = False  # continue from run_dir/ckpt.pt
     init: str = ""  # a policy file (e.g. data/policy.pt) whose weights start a new run; "" = none
     seed: int = 0  # seeds numpy, torch and every state
     device: str = "cpu"  # cpu or cuda[:N] (never required; an error if torch sees no GPU)
@@ -84,8 +84,8 @@ class Config:
     shaping: str = "rank"  # reward shaping before standardisation: rank (utilities) or raw
     resolution: float = 0.1  # rank shaping: rewards rounded to this, in units of the loss scale
     loss: str = "pm"  # pm (peak matching) or chi2
-    per: int = 1  # 1 = prioritized replay, 0 = fresh states only (ablation)
-    use_truth: int = 1  # 1 = a synthetic state's true parameters join its first K set
+    per: bool = True  # prioritized replay; --no-per: fresh states only (ablation)
+    use_truth: bool = True  # a synthetic state's true parameters join its first K set
     replay_frac: float = 0.5  # fraction of a step's states drawn from the buffer
     capacity: int = 4096  # buffer size (states), FIFO
     alpha: float = 0.6  # PER priority exponent
@@ -95,7 +95,9 @@ class Config:
     lag_cap: float = 10.0  # PER: a replayed state's relative lag is capped here before eps
     explore_frac: float = 0.25  # share of each state's K samples drawn uniformly over the cube
     molecules: list[str] = dataclasses.field(default_factory=lambda: list(TRAIN_MOLECULES))
-    holdout: list[str] = dataclasses.field(default_factory=lambda: list(HOLDOUT))  # eval only
+    # target molecules of the synthetic training states (states.TRAIN_MOLECULES)
+    holdout: list[str] = dataclasses.field(default_factory=lambda: list(HOLDOUT))  # molecules
+    # of the held-out evaluation set, never trained on
     catalog: str = "../shared/data/catalogs"  # folder of .cat files; CH3OH is bundled
     real_dir: str = "../shared/data/spectra/iras16293b"  # real windows; "" = none
     real_frac: float = 0.15  # fraction of fresh states from the real spectra
@@ -562,23 +564,54 @@ def main(cfg: Config) -> dict:
     return last
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Config from the command line: one option per field, help from its comment."""
-    helps = dict(re.findall(r"^    (\w+):[^#]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = ("train", "export", "real_best")
-    parser.add_argument("command", nargs="?", default="train", choices=commands)
-    parser.add_argument("paths", nargs="*", help=helps.get("paths"))
-    for f in dataclasses.fields(Config)[2:]:
-        if f.type.startswith("list"):
-            kind = float if "float" in f.type else str
-            parser.add_argument(f"--{f.name}", nargs="+", type=kind, default=f.default_factory(),
-                                help=helps.get(f.name))  # fmt: skip
-        elif f.type == "bool":
-            parser.add_argument(f"--{f.name}", action="store_true", help=helps.get(f.name))
+def config_parser(cls, positional=(), options=None, **parser_kw) -> argparse.ArgumentParser:
+    """An argparse parser made from a Config dataclass (the same helper is in every script).
+
+    One argument per field: the type from the annotation or the default, bools as --name /
+    --no-name flags, lists as nargs="+", the help from the field's trailing comment and its
+    continuation comment lines, then the default. Fields in `positional` are positional (lists
+    take any number of words); `options` adds argparse keywords per field (choices, required).
+    """
+    helps, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field = re.match(r"    (\w+):[^#]*?(?:#\s*(.*))?$", line)
+        more = re.match(r"\s*#\s*(.*)$", line)
+        if more and last:
+            helps[last] += " " + more[1]
+        elif field and not line.lstrip().startswith(("@", "class", "def")):
+            last, helps[field[1]] = field[1], field[2] or ""
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     **parser_kw)  # fmt: skip
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        kind = dict(type=types.get(name, type(default)))
+        if isinstance(default, bool):
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif isinstance(default, list):
+            elem = type(default[0]) if default else next(
+                (t for k, t in types.items() if f"[{k}]" in str(f.type)), str)  # fmt: skip
+            kind = dict(type=elem, nargs="*" if f.name in positional else "+")
+        elif f.name in positional:
+            kind["nargs"] = "?"
+        kind.update((options or {}).get(f.name, {}))
+        text = helps.get(f.name, "").replace("%", "%%")
+        if f.name in positional:
+            parser.add_argument(f.name, default=default, help=text, **kind)
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                                help=helps.get(f.name))  # fmt: skip
+            shown = " ".join(map(str, default)) or "none" if isinstance(default, list) else \
+                repr(default) if default == "" else default  # fmt: skip
+            text += "" if kind.get("required") else f" (default: {shown})"
+            parser.add_argument(f"--{f.name}", default=default, help=text, **kind)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Config from the command line (config_parser)."""
+    commands = dict(choices=("train", "export", "real_best"))
+    parser = config_parser(Config, positional=("command", "paths"), options={"command": commands},
+                           description=__doc__)  # fmt: skip
     return Config(**vars(parser.parse_args(argv)))
 
 

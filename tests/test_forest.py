@@ -99,8 +99,9 @@ def test_hot_corino_line_density_brackets_real(shared_data):
 
 def test_cube_truth_round_trip(shared_data, tmp_path, monkeypatch):
     out = tmp_path / "forest.fits"
+    catalog = str(shared_data / "catalogs")
     cfg = forest_cube.Config(out=str(out), n_pix=4, n_chan=200, n_mol=3, seed=1,
-                             catalog=str(shared_data / "catalogs"), exclude="CH3OCHO")  # fmt: skip
+                             catalog=catalog, exclude=["CH3OCHO"])  # fmt: skip
     maps = forest_cube.make_cube(cfg)
     assert "CH3OH" in maps and "CH3OCHO" not in maps and len(maps) == 3
     with fits.open(out) as hdul:

@@ -50,7 +50,7 @@ def test_smoke_writes_checkpoint_metrics_config(tmp_path):
 
 def test_resume_continues_from_saved_step(tmp_path):
     train.main(_tiny(tmp_path, n_steps=3))
-    last = train.main(_tiny(tmp_path, n_steps=5, resume=1))
+    last = train.main(_tiny(tmp_path, n_steps=5, resume=True))
     assert last["step"] == 5
     assert [int(r["step"]) for r in _rows(tmp_path / "run")] == [1, 2, 3, 4, 5]
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 5
@@ -117,7 +117,7 @@ def test_rank_utility_ties_and_order():
 def test_short_training_improves_reward_on_a_fixed_state(tmp_path):
     """One fixed synthetic CH3OH state, 60 steps: the best of K rewards rises (inference keeps the
     best of N_init, and rank shaping optimises for it; the mean may fall meanwhile)."""
-    cfg = _tiny(tmp_path, n_steps=60, fixed_states=1, per=0, p_absent=0.0, max_others=0,
+    cfg = _tiny(tmp_path, n_steps=60, fixed_states=1, per=False, p_absent=0.0, max_others=0,
                 k_samples=16, lr=3e-3, eval_every=0, loss="chi2", max_windows=1)  # fmt: skip
     train.main(cfg)
     best = np.array([float(r["best_loss"]) for r in _rows(cfg.run_dir)])
@@ -284,7 +284,7 @@ def test_init_from_a_policy_without_the_fine_patch(tmp_path):
     assert all(torch.equal(start[k], after[k]) for k in start)
     assert not after["encoder.embed_fine.weight"].any()
     with pytest.raises(ValueError, match="fine_len 160"):
-        train.main(_tiny(tmp_path / "b", resume=1, fine_len=0, n_steps=2))
+        train.main(_tiny(tmp_path / "b", resume=True, fine_len=0, n_steps=2))
 
 
 def test_real_states_carry_the_stored_global_answer(tmp_path, shared_data):
