@@ -71,7 +71,8 @@ from cube_store import (  # noqa: F401  (re-exported: fit_cube.REC_KEYS, fit_cub
 @dataclass
 class Config:
     cube: str = ""  # input FITS cube (positional)
-    mol: list[str] = field(default_factory=list)  # molecules (names or .cat paths), fitted jointly
+    mol: list[str] = field(default_factory=list)  # required: molecules (names or .cat paths),
+    # fitted jointly
     catalog: str = ""  # catalogue file or folder for every --mol; "" = lte's bundled default
     method: str = "auto"  # auto (nn+stack+slsqp if a policy exists, else random+slsqp), nn,
     # nn+slsqp, nn+nelder-mead, nn+stack+slsqp, random+slsqp, random+nelder-mead, pso, pso+slsqp,
@@ -240,47 +241,59 @@ def main(cfg: Config) -> dict:
     return summary
 
 
-def field_helps(cls) -> dict:
-    """{field: help} from a dataclass's trailing comments, with their continuation lines."""
+def config_parser(cls, positional=(), options=None, **parser_kw) -> argparse.ArgumentParser:
+    """An argparse parser made from a Config dataclass (the same helper is in every script).
+
+    One argument per field: the type from the annotation or the default, bools as --name /
+    --no-name flags, lists as nargs="+", the help from the field's trailing comment and its
+    continuation comment lines, then the default. Fields in `positional` are positional (lists
+    take any number of words); `options` adds argparse keywords per field (choices, required).
+    """
     helps, last = {}, None
     for line in inspect.getsource(cls).splitlines():
-        field_line = re.match(r"    (\w+):[^#]*#\s*(.*)$", line)
+        field = re.match(r"    (\w+):[^#]*?(?:#\s*(.*))?$", line)
         more = re.match(r"\s*#\s*(.*)$", line)
-        if field_line:
-            last, helps[field_line[1]] = field_line[1], field_line[2]
-        elif more and last:
+        if more and last:
             helps[last] += " " + more[1]
+        elif field and not line.lstrip().startswith(("@", "class", "def")):
+            last, helps[field[1]] = field[1], field[2] or ""
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     **parser_kw)  # fmt: skip
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        kind = dict(type=types.get(name, type(default)))
+        if isinstance(default, bool):
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif isinstance(default, list):
+            elem = type(default[0]) if default else next(
+                (t for k, t in types.items() if f"[{k}]" in str(f.type)), str)  # fmt: skip
+            kind = dict(type=elem, nargs="*" if f.name in positional else "+")
+        elif f.name in positional:
+            kind["nargs"] = "?"
+        kind.update((options or {}).get(f.name, {}))
+        text = helps.get(f.name, "").replace("%", "%%")
+        if f.name in positional:
+            parser.add_argument(f.name, default=default, help=text, **kind)
         else:
-            last = None
-    return helps
+            shown = " ".join(map(str, default)) or "none" if isinstance(default, list) else \
+                repr(default) if default == "" else default  # fmt: skip
+            text += "" if kind.get("required") else f" (default: {shown})"
+            parser.add_argument(f"--{f.name}", default=default, help=text, **kind)
+    return parser
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Config from the command line: one option per field, help and default from its comment."""
-    helps = field_helps(Config)
-    parser = argparse.ArgumentParser(
-        prog="fit_cube.py", description=__doc__.split("\n\n")[0],
+    """Config from the command line (config_parser): the cube, then options."""
+    extend = dict(action="extend")  # --mol A --mol B gives both, as does --mol A B
+    parser = config_parser(
+        Config, positional=("cube",), prog="fit_cube.py",
+        options=dict(cube=dict(nargs=None, metavar="CUBE"), mol=extend, bounds=extend, fix=extend),
+        description=__doc__.split("\n\n")[0] + "\n\nRequired: the CUBE and --mol.",
         usage="%(prog)s CUBE --mol M [M ...] [options]\n"
               "       %(prog)s make_demo OUT [N_PIX N_CHAN]",
-        epilog=__doc__.split("\n\n", 2)[2].replace("%", "%%"),
-        formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)  # fmt: skip
-    required = parser.add_argument_group("required")
-    required.add_argument("cube", help=helps["cube"])
-    options = parser.add_argument_group("options")
-    options.add_argument("-h", "--help", action="help", help="show this help and exit")
-    for f in dataclasses.fields(Config)[1:]:
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if isinstance(default, list):
-            kind = dict(nargs="+", action="extend", metavar=f.name.upper())
-        elif isinstance(default, bool):
-            kind = dict(action="store_true")
-        else:
-            kind = dict(type=type(default))
-        shown = "none" if default == [] else repr(default) if default == "" else default
-        text = f"{helps[f.name]} (default: {shown})"
-        text = f"required: {helps[f.name]}" if f.name == "mol" else text
-        group = required if f.name == "mol" else options
-        group.add_argument(f"--{f.name}", default=default, help=text.replace("%", "%%"), **kind)
+        epilog=__doc__.split("\n\n", 2)[2].replace("%", "%%"))  # fmt: skip
     return Config(**vars(parser.parse_args(argv)))
 
 

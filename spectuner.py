@@ -72,7 +72,8 @@ from uncertainty import (  # noqa: F401  (re-exported: spectuner.detect_and_limi
 class Config:
     command: str = "fit"  # fit (fit SPEC files) or model (write a model spectrum)
     spec: list[str] = dataclasses.field(default_factory=list)  # SPEC files: freq MHz, T K columns
-    mol: list[str] = dataclasses.field(default_factory=list)  # molecule names or catalogue paths
+    mol: list[str] = dataclasses.field(default_factory=list)  # required: molecule names or
+    # catalogue paths
     catalog: str = ""  # catalogue file for every --mol; "" = lte's bundled default
     rms: list[float] = dataclasses.field(default_factory=list)  # K, one per SPEC; none = estimate
     beam_arcsec: float = 0.0  # interferometer beam FWHM, arcsec (eta fitted directly); 0 = unset
@@ -166,50 +167,63 @@ def write_model(cfg: Config, windows: list, molecules: list, fix: dict, dish_m) 
     return params
 
 
-def field_helps(cls) -> dict:
-    """{field: help} from a dataclass's trailing comments, with their continuation lines."""
+def config_parser(cls, positional=(), options=None, **parser_kw) -> argparse.ArgumentParser:
+    """An argparse parser made from a Config dataclass (the same helper is in every script).
+
+    One argument per field: the type from the annotation or the default, bools as --name /
+    --no-name flags, lists as nargs="+", the help from the field's trailing comment and its
+    continuation comment lines, then the default. Fields in `positional` are positional (lists
+    take any number of words); `options` adds argparse keywords per field (choices, required).
+    """
     helps, last = {}, None
     for line in inspect.getsource(cls).splitlines():
-        field_line = re.match(r"    (\w+):[^#]*#\s*(.*)$", line)
+        field = re.match(r"    (\w+):[^#]*?(?:#\s*(.*))?$", line)
         more = re.match(r"\s*#\s*(.*)$", line)
-        if field_line:
-            last, helps[field_line[1]] = field_line[1], field_line[2]
-        elif more and last:
+        if more and last:
             helps[last] += " " + more[1]
+        elif field and not line.lstrip().startswith(("@", "class", "def")):
+            last, helps[field[1]] = field[1], field[2] or ""
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     **parser_kw)  # fmt: skip
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        kind = dict(type=types.get(name, type(default)))
+        if isinstance(default, bool):
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif isinstance(default, list):
+            elem = type(default[0]) if default else next(
+                (t for k, t in types.items() if f"[{k}]" in str(f.type)), str)  # fmt: skip
+            kind = dict(type=elem, nargs="*" if f.name in positional else "+")
+        elif f.name in positional:
+            kind["nargs"] = "?"
+        kind.update((options or {}).get(f.name, {}))
+        text = helps.get(f.name, "").replace("%", "%%")
+        if f.name in positional:
+            parser.add_argument(f.name, default=default, help=text, **kind)
         else:
-            last = None
-    return helps
+            shown = " ".join(map(str, default)) or "none" if isinstance(default, list) else \
+                repr(default) if default == "" else default  # fmt: skip
+            text += "" if kind.get("required") else f" (default: {shown})"
+            parser.add_argument(f"--{f.name}", default=default, help=text, **kind)
+    return parser
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Config from the command line: one option per field, help and default from its comment."""
-    helps = field_helps(Config)
-    parser = argparse.ArgumentParser(
-        prog="spectuner.py", add_help=False, description=__doc__.split("\n\n")[0]
-        + "\n\nPut the SPEC files before the options: an option that takes several values\n"
-        "(--mol, --rms, --bounds, --fix) takes every word after it.",
+    """Config from the command line (config_parser): the command and SPEC files, then options."""
+    extend = dict(action="extend")  # --mol A --mol B gives both, as does --mol A B
+    parser = config_parser(
+        Config, positional=("command", "spec"), prog="spectuner.py",
+        options=dict(command=dict(choices=("fit", "model"), nargs=None),
+                     spec=dict(metavar="SPEC"), mol=extend, rms=extend, bounds=extend, fix=extend),
+        description=__doc__.split("\n\n")[0]
+        + "\n\nRequired: the command and --mol (fit: SPEC files too). Put the SPEC files before "
+        "the options:\nan option that takes several values (--mol, --rms, --bounds, --fix) "
+        "takes every word after it.",
         usage="%(prog)s fit SPEC [SPEC ...] --mol M [M ...] [options]\n"
               "       %(prog)s model [SPEC ...] --mol M --fix NAME=VALUE ... [options]",
-        epilog="examples:\n" + __doc__.split("\n\n", 2)[2].replace("%", "%%"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    required = parser.add_argument_group("required (SPEC files before the options)")
-    required.add_argument("command", choices=("fit", "model"), help=helps["command"])
-    required.add_argument("spec", nargs="*", metavar="SPEC", help=helps["spec"])
-    options = parser.add_argument_group("options")
-    options.add_argument("-h", "--help", action="help", help="show this help and exit")
-    for f in dataclasses.fields(Config)[2:]:
-        if f.type.startswith("list"):
-            kind = dict(nargs="+", action="extend", type=float if "float" in f.type else str,
-                        default=[], metavar=f.name.upper())  # fmt: skip
-        else:
-            kind = dict(type=type(f.default), default=f.default)
-        shown = (
-            "none" if kind["default"] == [] else repr(f.default) if f.default == "" else f.default
-        )
-        text = f"{helps[f.name]} (default: {shown})"
-        text = f"required: {helps[f.name]}" if f.name == "mol" else text
-        group = required if f.name == "mol" else options
-        group.add_argument(f"--{f.name}", help=text.replace("%", "%%"), **kind)
+        epilog="examples:\n" + __doc__.split("\n\n", 2)[2].replace("%", "%%"))  # fmt: skip
     return Config(**vars(parser.parse_args(argv)))
 
 
