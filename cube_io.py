@@ -178,6 +178,15 @@ def _read_hdu(path: str) -> tuple:
     return data, freq_Hz, beams, header, w, spatial, order, arr.shape
 
 
+def systemic_velocity(v_lsr: float, cube: dict) -> tuple[float, str]:
+    """(v_lsr km/s, where it came from): --v_lsr if given, else the header's, else 0."""
+    if np.isfinite(v_lsr):
+        return v_lsr, "--v_lsr"
+    if cube["v_lsr_kms"] is not None:
+        return cube["v_lsr_kms"], "header"
+    return 0.0, "default (none in the header)"
+
+
 def read_plane(path: str, shape: tuple, what: str) -> tuple[np.ndarray, fits.Header]:
     """A 2-D image (degenerate axes dropped) of the cube's spatial shape, and its header.
 

@@ -49,10 +49,10 @@ from cube_io import (  # noqa: F401  (re-exported: fit_cube.read_cube, fit_cube.
     read_cube,
     read_noise,
     read_plane,
+    systemic_velocity,
 )
 from cube_maps import assemble, quicklook_figure, run_info, write_outputs  # noqa: F401
-from cube_run import (  # noqa: F401  (re-exported: fit_cube.fit_pixel, fit_cube.pixel_rms, ...)
-    fit_pixel,
+from cube_run import (  # noqa: F401  (re-exported: fit_cube.pixel_rms)
     pixel_rms,
     plan_batches,
     resolve_workers,
@@ -133,15 +133,6 @@ def check_options(cfg: Config, log) -> tuple[Config, Path]:
     out = Path(cfg.out or f"{stem}_fit")
     check_out(out, cfg.resume, cfg.overwrite)
     return dataclasses.replace(cfg, method=method, workers=workers, out=str(out)), out
-
-
-def systemic_velocity(v_lsr: float, cube: dict) -> tuple[float, str]:
-    """(v_lsr km/s, where it came from): --v_lsr if given, else the header's, else 0."""
-    if np.isfinite(v_lsr):
-        return v_lsr, "--v_lsr"
-    if cube["v_lsr_kms"] is not None:
-        return cube["v_lsr_kms"], "header"
-    return 0.0, "default (none in the header)"
 
 
 def select_pixels(cfg: Config, cube: dict) -> np.ndarray:
