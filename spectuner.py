@@ -61,6 +61,7 @@ from uncertainty import (  # noqa: F401  (re-exported: spectuner.detect_and_limi
     DETECT_DCHI2,
     LIMIT_SIGMA,
     NEARLY_THIN_TAU,
+    chi2_polish,
     detect_and_limit,
     noise_residuals,
     residuals_at,
