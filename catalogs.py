@@ -380,44 +380,8 @@ def read_splatalogue(db_path, name: str, tables: dict | None = None) -> Molecule
     tables = _tables_in(DATA_DIR) if tables is None else tables
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        species = con.execute(
-            "SELECT species_id, s_name, s_name_noparens, SPLAT_ID FROM species"
-        ).fetchall()
-
-        def with_list(rows):  # append each species' ll_id (one species, one line list)
-            q = "SELECT ll_id FROM main WHERE species_id=? LIMIT 1"
-            return [(*r, (con.execute(q, (r[0],)).fetchone() or (None,))[0]) for r in rows]
-
-        picked = [r for r in species if name in (r[1], r[2])]
-        if not picked:
-            picked = [r for r in species if name in (r[1].split(" ")[0], r[2].split(" ")[0])]
-        picked = with_list(picked)
-        slaim = [r[1] for r in picked if r[4] not in (10, 12)]
-        picked = [r for r in picked if r[4] in (10, 12)]
-        if not picked and not slaim:  # a CDMS/JPL name: the species of that tag
-            comp = formula_composition(name)
-            picked = with_list([r for r in species if formula_composition(r[1]) == comp])
-            picked = [r for r in picked if r[4] in (10, 12)]
-        if not picked:
-            if slaim:
-                raise ValueError(
-                    f"{db_path}: '{name}' has only SLAIM or Lovas rows {slaim}, which carry no "
-                    "partition function; use a CDMS/JPL entry"
-                )
-            raise ValueError(_unknown(name, [r[1] for r in species], db_path))
-        tagged = {}
-        for sid, s_name, _, splat_id, ll in picked:
-            q300 = _splat_q300(con, sid)
-            tag = _splat_tag(s_name, splat_id, ll, q300, tables)
-            tagged.setdefault(tag, []).append((sid, s_name, q300))
-        named = {t: v for t, v in tagged.items() if tables[t][0].split(",")[0] == name}
-        tagged = named or tagged
-        if len(tagged) > 1:
-            raise ValueError(
-                f"{db_path}: '{name}' matches species of several catalogue tags "
-                f"{ {t: [s[1] for s in v] for t, v in tagged.items()} }; name one of them"
-            )
-        ((tag, members),) = tagged.items()
+        picked, slaim = _splat_species(con, db_path, name)
+        tag, members = _splat_one_tag(con, db_path, name, picked, tables)
         ids = [m[0] for m in members]
         rows = con.execute(
             "SELECT orderedfreq, aij, upper_state_degeneracy, lower_state_energy_K FROM main "
@@ -426,6 +390,70 @@ def read_splatalogue(db_path, name: str, tables: dict | None = None) -> Molecule
         ).fetchall()
     finally:
         con.close()
+    return _splat_molecule(db_path, name, rows, tag, members, slaim, tables)
+
+
+def _splat_species(con, db_path, name: str) -> tuple[list, list]:
+    """The CDMS/JPL species rows (species_id, s_name, s_name_noparens, SPLAT_ID, ll_id) that
+    `name` picks, and the names of the SLAIM/Lovas ones it also picks (skipped: no Q).
+
+    Raises:
+        ValueError: unknown name (closest names listed), or only SLAIM/Lovas rows.
+    """
+    species = con.execute(
+        "SELECT species_id, s_name, s_name_noparens, SPLAT_ID FROM species"
+    ).fetchall()
+
+    def with_list(rows):  # append each species' ll_id (one species, one line list)
+        q = "SELECT ll_id FROM main WHERE species_id=? LIMIT 1"
+        return [(*r, (con.execute(q, (r[0],)).fetchone() or (None,))[0]) for r in rows]
+
+    picked = [r for r in species if name in (r[1], r[2])]
+    if not picked:
+        picked = [r for r in species if name in (r[1].split(" ")[0], r[2].split(" ")[0])]
+    picked = with_list(picked)
+    slaim = [r[1] for r in picked if r[4] not in (10, 12)]
+    picked = [r for r in picked if r[4] in (10, 12)]
+    if not picked and not slaim:  # a CDMS/JPL name: the species of that tag
+        comp = formula_composition(name)
+        picked = with_list([r for r in species if formula_composition(r[1]) == comp])
+        picked = [r for r in picked if r[4] in (10, 12)]
+    if not picked:
+        if slaim:
+            raise ValueError(
+                f"{db_path}: '{name}' has only SLAIM or Lovas rows {slaim}, which carry no "
+                "partition function; use a CDMS/JPL entry"
+            )
+        raise ValueError(_unknown(name, [r[1] for r in species], db_path))
+    return picked, slaim
+
+
+def _splat_one_tag(con, db_path, name: str, picked: list, tables: dict) -> tuple[int, list]:
+    """(tag, [(species_id, s_name, q300), ...]): the one catalogue tag of the picked species
+    (_splat_tag; those whose tag's catalogue name is `name` first) and its species.
+
+    Raises:
+        ValueError: the species belong to several tags.
+    """
+    tagged = {}
+    for sid, s_name, _, splat_id, ll in picked:
+        q300 = _splat_q300(con, sid)
+        tag = _splat_tag(s_name, splat_id, ll, q300, tables)
+        tagged.setdefault(tag, []).append((sid, s_name, q300))
+    named = {t: v for t, v in tagged.items() if tables[t][0].split(",")[0] == name}
+    tagged = named or tagged
+    if len(tagged) > 1:
+        raise ValueError(
+            f"{db_path}: '{name}' matches species of several catalogue tags "
+            f"{ {t: [s[1] for s in v] for t, v in tagged.items()} }; name one of them"
+        )
+    ((tag, members),) = tagged.items()
+    return tag, members
+
+
+def _splat_molecule(db_path, name, rows, tag, members, slaim, tables) -> Molecule:
+    """The Molecule of the rows (f, log10 A, g_u, E_low) with the tag's Q(T) table scaled to
+    the median Q(300) that the species' rows imply."""
     arr = np.array(rows, dtype=float).reshape(-1, 4)
     arr = arr[np.isfinite(arr).all(axis=1)]
     T, q = tables[tag][1], tables[tag][2]
@@ -608,55 +636,66 @@ def fetch(name_or_tag: str, cache=CACHE_DIR, cdms_url=CDMS_URL, jpl_url=JPL_URL,
     """
     tables = _tables_in(DATA_DIR)
     text = str(name_or_tag).strip()
-    if text.isdigit():
-        tag = int(text)
-    else:
-        hits = [t for t, (n, _, _) in tables.items() if text in (n, n.split(",")[0].strip())]
-        if len(hits) != 1:
-            choices = [tables[t][0] for t in hits] if hits else None
-            raise ValueError(
-                f"'{text}' names {len(hits)} entries {choices or ''}; give a tag"
-                if hits
-                else _unknown(text, [n for n, _, _ in tables.values()], "CDMS/JPL tables")
-            )
-        tag = hits[0]
+    tag = _tag_of(text, tables)
     is_cdms = (tag // 100) % 10 == 5  # CDMS tags are xx5xx, JPL tags xx0xx
     base = cdms_url if is_cdms else jpl_url
     url = f"{base.rstrip('/')}/c{tag:06d}.cat"
-
-    def get(u):
-        try:
-            with urllib.request.urlopen(u, timeout=timeout_s) as resp:
-                return resp.read()
-        except (urllib.error.URLError, OSError) as err:
-            raise ConnectionError(
-                f"cannot download {u}: {err} (offline? nothing was written to {cache})"
-            )
-
-    body = get(url)
+    body = _download(url, timeout_s, cache)
     if is_cdms:
         T, q = (tables[tag][1], tables[tag][2]) if tag in tables else (None, None)
     else:
         tmp = Path(cache) / "jpl_catdir.cat"
         Path(cache).mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(get(f"{jpl_url.rstrip('/')}/catdir.cat"))
+        tmp.write_bytes(_download(f"{jpl_url.rstrip('/')}/catdir.cat", timeout_s, cache))
         entry = read_partition_tables(tmp).get(tag)
         T, q = (entry[1], entry[2]) if entry else (None, None)
     if T is None or len(T) < 2:
         raise ValueError(
             f"tag {tag:06d}: no partition function in the {'CDMS' if is_cdms else 'JPL'} table"
         )
-    cache = Path(cache)
+    name = tables.get(tag, (text,))[0] if not text.isdigit() or tag in tables else text
+    return _store_entry(Path(cache), tag, body, (T, q), "CDMS" if is_cdms else "JPL", name, url)
+
+
+def _tag_of(text: str, tables: dict) -> int:
+    """The catalogue tag of a tag string or a CDMS/JPL name (with or without its state label).
+
+    Raises:
+        ValueError: an unknown name (closest listed), or one that names several entries.
+    """
+    if text.isdigit():
+        return int(text)
+    hits = [t for t, (n, _, _) in tables.items() if text in (n, n.split(",")[0].strip())]
+    if len(hits) != 1:
+        choices = [tables[t][0] for t in hits] if hits else None
+        raise ValueError(
+            f"'{text}' names {len(hits)} entries {choices or ''}; give a tag"
+            if hits
+            else _unknown(text, [n for n, _, _ in tables.values()], "CDMS/JPL tables")
+        )
+    return hits[0]
+
+
+def _download(url: str, timeout_s: float, cache) -> bytes:
+    """The body at url. Raises: ConnectionError: it cannot be reached (nothing is written)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return resp.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise ConnectionError(
+            f"cannot download {url}: {err} (offline? nothing was written to {cache})"
+        )
+
+
+def _store_entry(cache: Path, tag: int, body: bytes, T_q: tuple, source: str, name: str,
+                 url: str) -> Path:  # fmt: skip
+    """Write the entry c{tag}.cat, its partition function q_{tag}.txt (T_K, log10 Q) and its
+    record (name, url, SHA-256, date) in cache/index.json; the path of the entry."""
     cache.mkdir(parents=True, exist_ok=True)
     (cache / f"c{tag:06d}.cat").write_bytes(body)
-    np.savetxt(
-        cache / f"q_{tag:06d}.txt",
-        np.c_[T, q],
-        header=f"T_K log10Q ({'CDMS' if is_cdms else 'JPL'})",
-    )
+    np.savetxt(cache / f"q_{tag:06d}.txt", np.c_[T_q[0], T_q[1]], header=f"T_K log10Q ({source})")
     index_path = cache / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    name = tables.get(tag, (text,))[0] if not text.isdigit() or tag in tables else text
     index[f"{tag:06d}"] = {
         "name": name,
         "url": url,

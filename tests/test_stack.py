@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import lte
+import methods
 import problem
 import spectuner as st
 import stack
@@ -79,7 +80,9 @@ def test_refine_distinct_skips_near_duplicates():
         return u, loss - 1.0, 7, "ok"
 
     U = np.array([[0.5, 0.5], [0.51, 0.5], [0.9, 0.1]])
-    u, loss, nfev, _ = st._refine_distinct(None, U, np.array([1.0, 2.0, 3.0]), 3, "ok", local, 2)
+    u, loss, nfev, _ = methods._refine_distinct(
+        None, U, np.array([1.0, 2.0, 3.0]), 3, "ok", local, 2
+    )
     # the second start is 0.01 from the first (< DISTINCT = 0.05): the third is refined instead
     assert len(calls) == 2 and np.allclose(calls[1], [0.9, 0.1]) and nfev == 3 + 14
     assert loss == 0.0 and np.allclose(u, [0.5, 0.5])
