@@ -1,4 +1,4 @@
-"""Benchmarks: figures for the README, printed as `key=value` lines.
+"""Benchmarks: the figures of docs/benchmarks.md, printed as `key=value` lines.
 
 python bench.py lte [--ref_python PY]  # forward model vs the reference (issues 2, 10)
 python bench.py problem  # the loss at the cost of its lines vs on every channel (issue 10)
@@ -350,10 +350,10 @@ def bench_cube(ref_python: str = "") -> None:
         total = cum["fit_cube.main"]
         parts = {"objective": "problem.__call__", "of_which_model": "problem._model_on",
                  "of_which_loss": "losses.pm_on", "errors": "optimise.gauss_newton_errors",
-                 "network": "spectuner.policy_starts", "read": "fit_cube.read_cube",
-                 "write": "fit_cube.write_outputs"}  # fmt: skip
+                 "network": "methods.policy_starts", "read": "cube_io.read_cube",
+                 "write": "cube_maps.write_outputs"}  # fmt: skip
         split = {k: cum.get(f, 0.0) for k, f in parts.items()}
-        fits = cum.get("fit_cube.fit_pixel", 0.0)
+        fits = cum.get("cube_run.fit_pixel", 0.0)
         split["rest_of_fits"] = fits - split["objective"] - split["errors"]
         split["rest"] = total - fits - split["network"] - split["read"] - split["write"]
         print(f"profile_2000ch total_s={total:.1f} " + " ".join(

@@ -47,7 +47,7 @@ def fit_spectrum(
     Args:
         windows: observed windows (observed frame); the losses of the windows add up.
         molecules: lte.Molecule list; their intensities are summed.
-        method: a key of METHODS, or "auto": nn+slsqp when a policy is available (`policy`, or
+        method: a key of METHODS, or "auto": nn+stack+slsqp when a policy is available (`policy`, or
             data/policy.pt), else random+slsqp (said in the result's "note").
         loss: "pm" or "chi2". n_init: random starts, or policy samples for the nn methods.
         seed: seeds all draws; the result is deterministic for a seed.

@@ -36,17 +36,26 @@ def _then_local(f, u, loss, nfev, status, local):
     return u, loss, nfev + nfev_local, status
 
 
-def _refine_distinct(f, U, L, nfev, status, local, n_refine=1):
+def _refine_distinct(f, U, L, nfev, status, local, n_refine=1, source=None):
     """Refine the best n_refine distinct starts of U (n, n_dim) with losses L (n,), each more
     than DISTINCT (Euclidean, unit cube) from the better ones kept; the best result, with
-    every refinement's runs added to nfev (ours, issue 12)."""
-    order = np.argsort(L, kind="stable")
-    picked = []
-    for i in order:
-        if all(np.linalg.norm(U[i] - U[j]) > DISTINCT for j in picked):
-            picked.append(i)
-        if len(picked) >= max(1, n_refine) or local is None:
-            break
+    every refinement's runs added to nfev (ours, issue 12).
+
+    With `source` (n,) labels (nn+stack+slsqp: network or matched filter), the picks take
+    turns between the sources, best first within each, so a start of each source is refined
+    even when the other's initial losses are all lower (a matched-filter start that looks good
+    before refinement can end worse than a network start)."""
+    source = np.zeros(len(L), int) if source is None else np.asarray(source)
+    queues = [[i for i in np.argsort(L, kind="stable") if source[i] == k]
+              for k in np.unique(source)]  # fmt: skip
+    queues.sort(key=lambda q: L[q[0]])  # the source with the best start goes first
+    picked, want = [], 1 if local is None else max(1, n_refine)
+    while len(picked) < want and any(queues):
+        for q in queues:
+            while q and not all(np.linalg.norm(U[q[0]] - U[j]) > DISTINCT for j in picked):
+                q.pop(0)
+            if q and len(picked) < want:
+                picked.append(q.pop(0))
     best = None
     for i in picked:
         run = _then_local(f, U[i], float(L[i]), 0, status, local)
@@ -97,14 +106,17 @@ def run_policy(f, n_dim, n_init, rng, n_restarts=1, local=None, propose=None, wi
 
     propose(n) -> (n, n_dim) unit-cube starts from the network (see policy_sampler). With
     with_stack (nn+stack+slsqp, ours), the matched-filter starts of stack.py join the samples
-    (their runs counted); the best n_refine distinct starts are refined.
+    (their runs counted); the best n_refine distinct starts are refined, taking turns between
+    the network's and the matched filter's (_refine_distinct).
     """
     U = propose(n_init)
     L, nfev = f(U), n_init
+    source = np.zeros(n_init, int)
     if with_stack:
         U_s, L_s, nfev_s = _stack_starts(f)
         U, L, nfev = np.vstack([U, U_s]), np.concatenate([L, L_s]), nfev + nfev_s
-    return _refine_distinct(f, U, L, nfev, "ok", local, n_refine)
+        source = np.concatenate([source, np.ones(len(L_s), int)])
+    return _refine_distinct(f, U, L, nfev, "ok", local, n_refine, source)
 
 
 METHODS = {

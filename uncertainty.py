@@ -22,10 +22,10 @@ from problem import ETA_MAX, PARAM_NAMES, Problem, make_box, to_physical
 FOREST_DROP = 0.5  # chi2 refinement not applied when more channels than this are unexplained:
 # on the IRAS 16293-2422 B windows (57 % unexplained) it narrowed CH3OH from the pm fit's
 # 0.62 km/s to 0.49 km/s, below the 0.7-1.4 km/s of the real lines, by dropping blended wings
-NEARLY_THIN_TAU = 0.2  # below this peak opacity the eta and N_tot errors get a warning (README)
+NEARLY_THIN_TAU = 0.2  # below this peak opacity the eta and N_tot errors get a warning (method §7)
 AT_BOUND_TOL = 1e-3  # a free parameter this close (unit cube) to a face of the box is at it
-DETECT_DCHI2 = 25.0  # detected: chi2(no molecule) - min chi2 along N_tot >= this (README)
-LIMIT_SIGMA = 3.0  # upper limit: N_tot where chi2 is LIMIT_SIGMA^2 above its minimum (README)
+DETECT_DCHI2 = 25.0  # detected: chi2(no molecule) - min chi2 along N_tot >= this (method §7)
+LIMIT_SIGMA = 3.0  # upper limit: N_tot where chi2 is LIMIT_SIGMA^2 above its minimum (method §7)
 LIMIT_SCAN_DEX = (-6.0, 2.0)  # dex added below and above the box's N_tot range for the profile
 
 

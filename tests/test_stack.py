@@ -88,6 +88,24 @@ def test_refine_distinct_skips_near_duplicates():
     assert loss == 0.0 and np.allclose(u, [0.5, 0.5])
 
 
+def test_refine_distinct_takes_turns_between_sources():
+    calls = []
+
+    def local(f, u, loss):
+        calls.append(u.copy())
+        return u, loss - 10.0 * u[0], 5, "ok"  # the network's start (u_0 = 0.9) ends best
+
+    U = np.array([[0.9, 0.9], [0.8, 0.2], [0.1, 0.1], [0.3, 0.7]])
+    L = np.array([4.0, 5.0, 1.0, 2.0])  # the matched filter's starts (source 1) look better
+    u, loss, nfev, _ = methods._refine_distinct(None, U, L, 4, "ok", local, 2, [0, 0, 1, 1])
+    # one start of each source: the best matched-filter start, then the best network start
+    assert [list(c) for c in calls] == [[0.1, 0.1], [0.9, 0.9]] and nfev == 4 + 10
+    assert np.allclose(u, [0.9, 0.9]) and loss == pytest.approx(-5.0)
+    calls.clear()
+    methods._refine_distinct(None, U, L, 4, "ok", local, 2)  # one source: the best two
+    assert [list(c) for c in calls] == [[0.1, 0.1], [0.3, 0.7]]
+
+
 @pytest.mark.parametrize("method, n_refine", [("stack+slsqp", 1), ("auto", 2)])
 def test_real_windows_fit_finds_ch3oh(shared_data, method, n_refine):
     if method == "auto" and not st.DEFAULT_POLICY.is_file():
