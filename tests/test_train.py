@@ -78,6 +78,10 @@ def test_bad_inputs_raise(tmp_path):
         train.main(_tiny(tmp_path, holdout=["CH3OH"]))
     with pytest.raises(ValueError, match="could be loaded"):
         train.main(_tiny(tmp_path, molecules=["NoSuchMolecule"]))
+    with pytest.raises(ValueError, match="--catalog .*no such folder"):
+        train.main(_tiny(tmp_path, catalog=str(tmp_path / "absent")))
+    with pytest.raises(ValueError, match="--real_dir .*no such folder"):
+        train.main(_tiny(tmp_path, real_dir=str(tmp_path / "absent")))
 
 
 def test_buffer_priorities_probabilities_weights():
