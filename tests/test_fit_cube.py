@@ -237,14 +237,19 @@ def test_tiny_cube_recovers_injected_parameters(tiny, run1):
     tau = fits.getdata(out / "CH3OH_tau_max.fits")
     mol = lte.load_molecule("CH3OH", freq_range_MHz=(241500.0, 242100.0))
     true_tau = {yx: lte.peak_opacity(FREQ_HZ / 1e6, mol, p) for yx, p in TRUE.items()}
-    for (y, x), t in true_tau.items():  # thin lines (0.04-0.5): opacity is loosely constrained
-        assert 0.4 < tau[y, x] / t < 2.5
+    data, model = fits.getdata(tiny), fits.getdata(out / "model_cube.fits")
+    for (y, x), t in true_tau.items():
+        if t > 0.05:  # thin lines (0.07-0.5): opacity is loosely constrained
+            assert 0.4 < tau[y, x] / t < 2.5
+        else:  # nearly transparent (0.04): the data fix eta*N only (checked above), not tau;
+            # the fit (chi2 loss) must explain them at least as well as the truth does
+            truth = lte.spectrum(FREQ_HZ / 1e6, mol, np.array([TRUE[(y, x)]]))[0]
+            chi2 = lambda m: np.nansum(((data[:, y, x] - m) / RMS_K) ** 2)  # noqa: E731
+            assert chi2(model[:, y, x]) <= chi2(truth) + 1.0
     assert max(true_tau, key=true_tau.get) == max(true_tau, key=lambda yx: tau[yx])
     assert np.isnan(tau[2, 2]) and np.isnan(tau[0, 2])
     head = fits.getheader(out / "CH3OH_N_tot.fits")
     assert head["BUNIT"] == "cm-2" and head["CTYPE1"] == "RA---SIN" and head["NAXIS"] == 2
-    model = fits.getdata(out / "model_cube.fits")
-    data = fits.getdata(tiny)
     assert model.shape == data.shape and np.isnan(model[140:146]).all()
     resid = (data - model)[:, :2, :2]
     assert np.nanstd(resid) < 2 * RMS_K  # the model explains the lines down to the noise
