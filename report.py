@@ -75,6 +75,8 @@ def result_lines(res: dict) -> list[str]:
                    f"nfev={c['nfev']}")  # fmt: skip
         if "kept_pm" in c:
             out.append(f"chi2_refine not applied: {c['kept_pm']}")
+        if "lower_bound" in c:
+            out.append(f"errors: {c['lower_bound']}")
     for name, det in res["detection"].items():  # issue 15: detections and upper limits
         out.append(limit_text(name, det))
     for name, flags in res["at_bound"].items():

@@ -15,6 +15,7 @@ import losses
 import lte
 import optimise
 import spectuner as st
+import uncertainty
 
 
 def span_mean(y, a, b):
@@ -761,3 +762,17 @@ def test_pm_fit_is_refined_to_the_chi2_minimum_away_from_an_unexplained_blend(ch
     assert np.nanmax(np.abs(z(res))) < 3 and np.isfinite(z(res)[[1, 3, 4]]).all()
     assert np.nanmax(np.abs(z(chi2))) > 5  # ... while a chi2 fit of all channels is pulled
     assert st.fit_spectrum(windows, [ch3oh], "random+slsqp", "chi2")["chi2_refine"] is None
+
+
+def test_errors_are_flagged_as_lower_bounds_in_a_forest_of_foreign_lines(ch3oh):
+    clean = synthetic(ch3oh, CASES["thin"])
+    f, peak = clean[0].freq_MHz, max(w.T_obs_K.max() for w in clean)
+    foreign = sum(0.5 * peak * np.exp(-0.5 * ((f - c) / 0.6) ** 2)
+                  for c in np.linspace(f[0] + 5, f[-1] - 5, 40))  # fmt: skip
+    forest = [clean[0]._replace(T_obs_K=clean[0].T_obs_K + foreign), clean[1]]
+    res = st.fit_spectrum(forest, [ch3oh], "random+slsqp", "pm")
+    info = res["chi2_refine"]
+    assert info["n_dropped"] > uncertainty.BLENDED * (info["n_chan"] + info["n_dropped"])
+    assert "lower bounds" in info["lower_bound"] and "kept_pm" not in info
+    assert any(line.startswith("errors: ") for line in st.result_lines(res))
+    assert "lower_bound" not in st.fit_spectrum(clean, [ch3oh], "random+slsqp", "pm")["chi2_refine"]
