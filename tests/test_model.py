@@ -1,4 +1,5 @@
-"""Tests of model.py: tokens, encoder invariances and flow exactness (float64, tiny sizes)."""
+"""Tests of model.py, tokens.py and flow.py: tokens, encoder invariances and flow exactness
+(float64, tiny sizes)."""
 
 import dataclasses
 from pathlib import Path
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import flow
 import model
+import tokens
 
 C_KMS = 299792.458
 TINY = model.ModelConfig(
@@ -70,15 +73,15 @@ def _tokens(seed=0, cfg=TINY):
     return model.make_tokens(_windows(lines), lines, cfg, dtype=torch.float64)
 
 
-def _sharpen(flow, std=1.5, seed=3):
+def _sharpen(f, std=1.5, seed=3):
     """Give the conditioners' last layers O(1) weights so the density is far from uniform."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for t in flow.transforms:
+        for t in f.transforms:
             for mlp in t.mlps:
                 mlp[-1].weight.copy_(std * torch.randn(mlp[-1].weight.shape, generator=gen))
                 mlp[-1].bias.copy_(std * torch.randn(mlp[-1].bias.shape, generator=gen))
-    return flow
+    return f
 
 
 # --- tokens ---
@@ -114,7 +117,7 @@ def test_tokens_ties_and_catalogue_order(monkeypatch):
     a, b = model.make_tokens(wins, lines, TINY), model.make_tokens(wins, shuffled, TINY)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # Equal intensity proxies everywhere: the lowest frequencies in reach win.
-    monkeypatch.setattr(model, "_log10_proxy", lambda lines, T_K: np.zeros(lines["A_s"].size))
+    monkeypatch.setattr(tokens, "_log10_proxy", lambda lines, T_K: np.zeros(lines["A_s"].size))
     wide = [{"freq_MHz": np.linspace(99_000, 101_000, 50), "T_K": np.zeros(50), "rms_K": 1.0}]
     tok = model.make_tokens(wide, shuffled, TINY)
     np.testing.assert_array_equal(tok["freq_MHz"].numpy(), lines["freq_MHz"][: TINY.max_tokens])
@@ -209,7 +212,7 @@ def test_gradients_reach_every_parameter():
 
 def test_transform_inverse_round_trip():
     torch.manual_seed(0)
-    t = model.AutoregressiveSpline(5, 4, (16,), 6, 1e-3, 1e-3, (0, 1, 2, 3, 4)).double()
+    t = flow.AutoregressiveSpline(5, 4, (16,), 6, 1e-3, 1e-3, (0, 1, 2, 3, 4)).double()
     with torch.no_grad():
         for mlp in t.mlps:
             mlp[-1].weight.normal_(0.0, 2.0)
@@ -243,14 +246,16 @@ def test_sample_matches_log_prob(dtype):
 
 def test_density_integrates_to_one():
     torch.manual_seed(0)
-    cfg = model.ModelConfig(features=2, bins=4, hidden_features=(8,), transforms=2)
-    flow = _sharpen(model.Flow(2, 3, cfg).double())
+    f = flow.Flow(
+        2, 3, transforms=2, hidden_features=(8,), bins=4, min_width=1e-3, min_density=1e-3
+    )
+    f = _sharpen(f.double())
     ctx = torch.randn(1, 3, dtype=torch.float64)
     n = 800
     g = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # midpoint rule on [0, 1]^2
     uu = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 1, 2)  # (n^2, 1, 2)
     with torch.no_grad():
-        p = flow.log_prob(uu, ctx).exp().reshape(n, n)
+        p = f.log_prob(uu, ctx).exp().reshape(n, n)
     assert p.max() / p.min() > 5.0  # far from uniform, so the check means something
     assert p.mean().item() == pytest.approx(1.0, abs=2e-4)
     marginal = p.mean(1)  # density of u_0
@@ -259,20 +264,22 @@ def test_density_integrates_to_one():
     m = 20_000
     x = (torch.arange(m, dtype=torch.float64) + 0.5) / m
     with torch.no_grad():
-        raw = flow.transforms[0].mlps[0](ctx.expand(m, 3))  # (m, 2K+1)
-        _, log_p0 = model._pwq(x, raw, 4, 1e-3, 1e-3, inverse=False)
+        raw = f.transforms[0].mlps[0](ctx.expand(m, 3))  # (m, 2K+1)
+        _, log_p0 = flow._pwq(x, raw, 4, 1e-3, 1e-3, inverse=False)
     assert log_p0.exp().mean().item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_log_prob_matches_autograd_jacobian():
     torch.manual_seed(1)
-    cfg = model.ModelConfig(bins=5, hidden_features=(8,), transforms=2)
-    flow = _sharpen(model.Flow(5, 3, cfg).double())
+    f = flow.Flow(
+        5, 3, transforms=2, hidden_features=(8,), bins=5, min_width=1e-3, min_density=1e-3
+    )
+    f = _sharpen(f.double())
     ctx = torch.randn(1, 3, dtype=torch.float64)
 
     def to_base(u):
         x = u[None]
-        for t in flow.transforms:
+        for t in f.transforms:
             x, _ = t(x, ctx)
         return x[0]
 
@@ -281,7 +288,7 @@ def test_log_prob_matches_autograd_jacobian():
         jac = torch.autograd.functional.jacobian(to_base, u)  # (5, 5)
         sign, logdet = torch.linalg.slogdet(jac)
         assert sign > 0
-        log_p = flow.log_prob(u[None], ctx)[0]
+        log_p = f.log_prob(u[None], ctx)[0]
         assert log_p.item() == pytest.approx(logdet.item(), abs=1e-9)
         assert abs(log_p.item()) > 0.1
 
