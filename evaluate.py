@@ -246,12 +246,20 @@ def plot(summary: list[dict], path: Path) -> None:
         print("plot=skipped reason='matplotlib is not installed'")
         return
     groups = sorted({s["group"] for s in summary})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, g in zip(axes[0], groups):
+    ncol = min(3, len(groups))
+    nrow = -(-len(groups) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 4 * nrow), squeeze=False)
+    labels = sorted({f"{s['method']} ({s['n_init']})" if s["method"] == "nn" else s["method"]
+                     for s in summary})  # fmt: skip
+    style = {lab: (plt.cm.tab20(i % 20), "osD^v<>ph*"[i % 10]) for i, lab in enumerate(labels)}
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax, g in zip(axes.flat, groups):
         for s in (s for s in summary if s["group"] == g and s["method"] != "reference"):
             label = f"{s['method']} ({s['n_init']})" if s["method"] == "nn" else s["method"]
-            ax.errorbar(s["nfev_mean"], s["rel_loss_mean"], yerr=s["rel_loss_sem"], fmt="o",
-                        capsize=3, label=label)  # fmt: skip
+            color, marker = style[label]
+            ax.errorbar(s["nfev_mean"], s["rel_loss_mean"], yerr=s["rel_loss_sem"], fmt=marker,
+                        color=color, capsize=3, label=label)  # fmt: skip
         ax.set(xscale="log", xlabel="mean forward-model runs per fit",
                ylabel="mean relative loss", title=g)  # fmt: skip
         ax.legend(fontsize=7)
