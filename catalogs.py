@@ -17,8 +17,10 @@ sqlite_catalogs.py (XCLASS, Splatalogue); their public names are re-exported her
 """
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -58,21 +60,24 @@ CDMS_URL = "https://cdms.astro.uni-koeln.de/classic/entries/"
 JPL_URL = "https://spec.jpl.nasa.gov/ftp/pub/catalog/"
 
 
+@dataclasses.dataclass
+class Config:
+    command: str = "info"  # fetch (a CDMS/JPL entry into the cache) or info (a molecule's lines)
+    name: str = ""  # fetch: a CDMS/JPL name or tag; info: a name, tag or catalogue file
+    cache: str = ""  # fetch: cache folder ("" = $SPECTUNER_CACHE or ~/.cache/spectuner_d1)
+    cdms_url: str = CDMS_URL  # fetch: the CDMS entries
+    jpl_url: str = JPL_URL  # fetch: the JPL entries and catdir.cat
+    catalog: str = ""  # info: where the name resolves (a .cat file, a folder of them, an XCLASS
+    # or Splatalogue sqlite file; "" = the bundled data/ folder, then the cache of fetch)
+    freq: str = ""  # info: LO:HI rest-frequency range [MHz] ("" = every line)
+
+
 def select_lines(mol: Molecule, freq_min_MHz: float, freq_max_MHz: float) -> Molecule:
     """The lines of `mol` with rest frequency in [freq_min_MHz, freq_max_MHz] (a new Molecule)."""
     i0, i1 = np.searchsorted(mol.freq_MHz, [freq_min_MHz, freq_max_MHz])
     cut = slice(int(i0), int(i1))
-    return Molecule(
-        mol.name,
-        mol.freq_MHz[cut],
-        mol.A_s[cut],
-        mol.g_u[cut],
-        mol.E_low_K[cut],
-        mol.E_up_K[cut],
-        mol.Q_T_K,
-        mol.log10_Q,
-        mol.source,
-    )
+    return Molecule(mol.name, mol.freq_MHz[cut], mol.A_s[cut], mol.g_u[cut], mol.E_low_K[cut],
+                    mol.E_up_K[cut], mol.Q_T_K, mol.log10_Q, mol.source)  # fmt: skip
 
 
 # --- resolving a name to a catalogue entry ---
@@ -260,29 +265,77 @@ def _store_entry(cache: Path, tag: int, body: bytes, T_q: tuple, source: str, na
     return cache / f"c{tag:06d}.cat"
 
 
+def config_parser(cls, positional=(), options=None, **parser_kw) -> argparse.ArgumentParser:
+    """An argparse parser made from a Config dataclass (the same helper is in every script).
+
+    One argument per field: the type from the annotation or the default, bools as --name /
+    --no-name flags, lists as nargs="+", the help from the field's trailing comment and its
+    continuation comment lines, then the default. Fields in `positional` are positional (lists
+    take any number of words); `options` adds argparse keywords per field (choices, required).
+    """
+    helps, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field = re.match(r"    (\w+):[^#]*?(?:#\s*(.*))?$", line)
+        more = re.match(r"\s*#\s*(.*)$", line)
+        if more and last:
+            helps[last] += " " + more[1]
+        elif field and not line.lstrip().startswith(("@", "class", "def")):
+            last, helps[field[1]] = field[1], field[2] or ""
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     **parser_kw)  # fmt: skip
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        kind = dict(type=types.get(name, type(default)))
+        if isinstance(default, bool):
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif isinstance(default, list):
+            elem = type(default[0]) if default else next(
+                (t for k, t in types.items() if f"[{k}]" in str(f.type)), str)  # fmt: skip
+            kind = dict(type=elem, nargs="*" if f.name in positional else "+")
+        elif f.name in positional:
+            kind["nargs"] = "?"
+        kind.update((options or {}).get(f.name, {}))
+        text = helps.get(f.name, "").replace("%", "%%")
+        if f.name in positional:
+            parser.add_argument(f.name, default=default, help=text, **kind)
+        else:
+            shown = " ".join(map(str, default)) or "none" if isinstance(default, list) else \
+                repr(default) if default == "" else default  # fmt: skip
+            text += "" if kind.get("required") else f" (default: {shown})"
+            parser.add_argument(f"--{f.name}", default=default, help=text, **kind)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Config from the command line (config_parser); bad input ends with `error: ...`, exit 2."""
+    parser = config_parser(Config, positional=("command", "name"), description=__doc__,
+                           options={"command": dict(choices=("fetch", "info"), nargs=None),
+                                    "name": dict(nargs=None)})  # fmt: skip
+    cfg = Config(**vars(parser.parse_args(argv)))
+    of = dict(cache="fetch", cdms_url="fetch", jpl_url="fetch", catalog="info", freq="info")
+    for key, command in of.items():  # an option of the other command
+        if getattr(cfg, key) != getattr(Config, key) and cfg.command != command:
+            parser.error(f"--{key}: only for {command}, not {cfg.command}")
+    return cfg
+
+
 def main(argv=None) -> int:
     """`python catalogs.py fetch NAME_OR_TAG` or `python catalogs.py info NAME [--catalog PATH]`."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="download a CDMS/JPL entry into the cache")
-    f.add_argument("name_or_tag")
-    f.add_argument("--cache", default=str(CACHE_DIR), help="cache folder")
-    f.add_argument("--cdms_url", default=CDMS_URL)
-    f.add_argument("--jpl_url", default=JPL_URL)
-    i = sub.add_parser("info", help="summarise a molecule's lines")
-    i.add_argument("name")
-    i.add_argument("--catalog", default=None)
-    i.add_argument("--freq", default=None, help="LO:HI rest-frequency range [MHz]")
-    args = parser.parse_args(argv)
+    cfg = parse_config(argv)
     try:
-        if args.cmd == "fetch":
-            path = fetch(args.name_or_tag, args.cache, args.cdms_url, args.jpl_url)
+        if cfg.command == "fetch":
+            path = fetch(cfg.name, cfg.cache or CACHE_DIR, cfg.cdms_url, cfg.jpl_url)
             print(f"fetched={path}")
         else:
-            rng = tuple(float(x) for x in args.freq.split(":")) if args.freq else None
-            mol = load_molecule(args.name, args.catalog, rng)
+            try:
+                rng = tuple(float(x) for x in cfg.freq.split(":")) if cfg.freq else None
+            except ValueError:
+                rng = ()
+            if rng is not None and len(rng) != 2:
+                raise ValueError(f"--freq {cfg.freq}: expected LO:HI in MHz, e.g. 232000:233000")
+            mol = load_molecule(cfg.name, cfg.catalog or None, rng)
             q300 = float(mol.Q(300.0))
             print(f"name={mol.name} lines={mol.freq_MHz.size} Q300={q300:.6g} source={mol.source}")
     except (ValueError, FileNotFoundError, ConnectionError) as err:

@@ -1,10 +1,14 @@
-"""Tests of bench.py's coverage benchmark (issue 14): the clean and line-forest populations, the
-printed table, and the --kind option."""
+"""Tests of the benchmarks: bench_quality.py's coverage benchmark (issue 14), the clean and
+line-forest populations and the printed table; bench.py's command line (--kind, bad input, help)."""
+
+import dataclasses
+import inspect
 
 import numpy as np
 import pytest
 
 import bench
+import bench_quality
 import forest
 import lte
 import spectuner
@@ -37,7 +41,7 @@ def _check_table(rows: list[dict], kind: str, n_cases: int) -> dict:
 
 
 def test_forest_cases_are_ch3oh_in_a_forest_with_the_injected_truth(shared_data):
-    windows, mol, truth, extra = next(bench.coverage_cases("forest", 1, 13))
+    windows, mol, truth, extra = next(bench_quality.coverage_cases("forest", 1, 13))
     mols = forest.load_forest_molecules(shared_data / "catalogs", quiet=True)
     wins, drawn = forest.draw_forest([13, 0], mols, "CH3OH", "hot_corino", 6, 1)
     assert mol.name == "CH3OH" and len(drawn["params"]) >= 20  # among 20-60 molecules
@@ -54,7 +58,7 @@ def test_forest_cases_are_ch3oh_in_a_forest_with_the_injected_truth(shared_data)
 
 
 def test_coverage_forest_mode_prints_the_table_and_flags(shared_data, capsys):
-    bench.bench_coverage(n_cases=3, seed=13, kind="forest")
+    bench_quality.bench_coverage(n_cases=3, seed=13, kind="forest")
     table = _check_table(_table(capsys.readouterr().out), "forest", 3)
     refined = table["pm+chi2", None]
     assert int(refined["dropped"]) >= 1  # forests have blends the refinement leaves out
@@ -66,7 +70,7 @@ def test_coverage_forest_mode_prints_the_table_and_flags(shared_data, capsys):
 
 
 def test_coverage_clean_mode_prints_the_table(capsys):
-    bench.bench_coverage(n_cases=2, seed=13)
+    bench_quality.bench_coverage(n_cases=2, seed=13)
     table = _check_table(_table(capsys.readouterr().out), "clean", 2)
     assert int(table["pm+chi2", None]["polish_skipped"]) == 0  # no forest, nothing unexplained
     assert float(table["chi2", "v_off"]["median_abs_error"]) < 0.1  # S/N >= 20: km/s
@@ -74,8 +78,60 @@ def test_coverage_clean_mode_prints_the_table(capsys):
 
 def test_coverage_kind_is_checked():
     with pytest.raises(ValueError, match="coverage kind 'dense'"):
-        next(bench.coverage_cases("dense", 1, 0))
+        next(bench_quality.coverage_cases("dense", 1, 0))
     for argv in (["coverage", "--kind", "dense"], ["lte", "--kind", "forest"]):
         with pytest.raises(SystemExit) as err:
             bench.main(argv)
         assert err.value.code == 2
+
+
+def test_cli_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys):
+    cases = {("nope",): "invalid choice: 'nope'", (): "required: which",
+             ("lte", "--ref_python", str(tmp_path / "py")): "no such file",
+             ("fit", "--kind", "forest"): "--kind forest: only for coverage, not fit",
+             ("coverage", "--n_cases", "3"): "unrecognized arguments"}  # fmt: skip
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as err:
+            bench.main(list(argv))
+        lines = capsys.readouterr().err.splitlines()
+        errors = [line for line in lines if "error:" in line]
+        assert err.value.code == 2 and len(errors) == 1 and message in errors[0], argv
+
+
+def test_cli_help_lists_every_benchmark_and_option(capsys):
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    assert err.value.code == 0
+    names = ["coverage", "cube", "fit", "forest", "limits", "lte", "problem", "recover"]
+    assert sorted(bench.BENCHES) == names and "{" + ",".join(names) + "}" in text
+    assert all(f"python bench.py {name}" in text for name in names)  # the docstring's commands
+    helps = {"which": "the benchmark: lte, problem, fit, recover, cube, forest, limits, coverage",
+             "ref_python": "--ref_python REF_PYTHON lte, cube: a Python with the reference "
+             "Spectuner 2.0.0 (\"\" = none) (default: '')",
+             "kind": "--kind {clean,forest} coverage: clean (CH3OH alone) or forest (in "
+             "hot_corino line forests) (default: clean)"}  # fmt: skip
+    assert set(helps) == {f.name for f in dataclasses.fields(bench.Config)}
+    for name, help_text in helps.items():
+        assert help_text in text, name
+
+
+def test_cli_passes_each_benchmark_the_options_it_takes(monkeypatch, tmp_path):
+    python = tmp_path / "python"
+    python.write_text("")  # --ref_python must name a file
+    calls = {}
+    for name, fn in list(bench.BENCHES.items()):
+
+        def stand_in(fn=fn, name=name, **kw):
+            inspect.signature(fn).bind(**kw)  # the real benchmark takes these keywords
+            calls[name] = kw
+
+        monkeypatch.setitem(bench.BENCHES, name, stand_in)
+    for name in bench.BENCHES:
+        bench.main([name, "--ref_python", str(python)])
+    expected = {name: {} for name in bench.BENCHES}
+    expected |= {"lte": {"ref_python": str(python)}, "cube": {"ref_python": str(python)},
+                 "coverage": {"kind": "clean"}}  # fmt: skip
+    assert calls == expected
+    bench.main(["coverage", "--kind", "forest"])
+    assert calls["coverage"] == {"kind": "forest"}
