@@ -7,9 +7,8 @@ fit's own problem.Problem. Per state K actions are drawn (a share explore_frac u
 are rank-shaped, standardised per state with a leave-one-out baseline, and a state's best-known
 action (stored best, truth, or data/real_best.json for real windows) joins its set (rl.py). The
 buffer (replay.py) replays states by their lag behind that best and keeps distinct elites, whose
-imitation keeps the policy on every good basin. States are made and scored in --workers
-processes; every state is a function of its id and cfg.seed, so the checkpoint keeps only ids.
-SIGTERM or Ctrl-C checkpoints at the end of the step; --resume continues exactly.
+imitation keeps the policy on every good basin. States (ids) come from --workers processes.
+SIGTERM or Ctrl-C checkpoints at the end of the step (checkpoint.py); --resume is exact.
 
     python train.py train --run_dir runs/main
     python train.py train --run_dir runs/main --resume
@@ -202,24 +201,32 @@ def new_id(loop: dict, cfg: Config) -> int:
     return sid % cfg.fixed_states if cfg.fixed_states else sid
 
 
-def main(cfg: Config) -> dict:
-    """Train (or export, or real_best); returns the last logged metrics."""
-    if cfg.command in ("export", "real_best"):
-        want = {"export": 2, "real_best": 1}[cfg.command]
-        if len(cfg.paths) != want:
-            raise ValueError(f"{cfg.command} needs {('OUT', 'CKPT OUT')[want - 1]}, "
-                             f"got {cfg.paths}")  # fmt: skip
-        export(*cfg.paths) if cfg.command == "export" else states.real_best(cfg, cfg.paths[0])
-        return {}
-    check_config(cfg)
-    # --- seed and device ---
+def other_command(cfg: Config) -> None:
+    """`export CKPT OUT` or `real_best OUT`."""
+    want = {"export": 2, "real_best": 1}[cfg.command]
+    if len(cfg.paths) != want:
+        raise ValueError(f"{cfg.command} needs {('OUT', 'CKPT OUT')[want - 1]}, got {cfg.paths}")
+    export(*cfg.paths) if cfg.command == "export" else states.real_best(cfg, cfg.paths[0])
+
+
+def seeded_run(cfg: Config) -> tuple:
+    """The run folder (config.json written), the seeded generators and the ModelConfig."""
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    mcfg = model_config(cfg)
+    return run, rng, gen, model_config(cfg)
+
+
+def main(cfg: Config) -> dict:
+    """Train (or export, or real_best); returns the last logged metrics."""
+    if cfg.command in ("export", "real_best"):
+        return other_command(cfg) or {}
+    check_config(cfg)
+    # --- seed and device ---
+    run, rng, gen, mcfg = seeded_run(cfg)
     # --- data: molecules, real windows, evaluation states, the state server (§6) ---
     ctx = states.build_context(cfg, mcfg)
     evals, rand_best, kinds = eval_sets(ctx, cfg)
@@ -318,9 +325,8 @@ def config_parser(cls, positional=(), options=None, **parser_kw) -> argparse.Arg
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Config from the command line (config_parser)."""
-    commands = dict(choices=("train", "export", "real_best"))
-    parser = config_parser(Config, positional=("command", "paths"), options={"command": commands},
-                           description=__doc__)  # fmt: skip
+    commands = dict(command=dict(choices=("train", "export", "real_best")))
+    parser = config_parser(Config, ("command", "paths"), commands, description=__doc__)
     return Config(**vars(parser.parse_args(argv)))
 
 
