@@ -33,26 +33,11 @@ import numpy as np
 import torch
 
 import model
+import rl
 import spectuner
+import state_server
 import states
 from checkpoint import EVAL_KEYS, METRICS, export, log_step, save_checkpoint, start  # noqa: F401
-from replay import ReplayBuffer, distinct_elites  # noqa: F401  (train.ReplayBuffer)
-from rl import (  # noqa: F401  (train.X keeps working for the tests)
-    SHAPING,
-    SPREAD_KEYS,
-    advantages,
-    draw_actions,
-    evaluate,
-    imitation_loss,
-    loo_advantage,
-    rank_utility,
-    reinforce_loss,
-    reinforce_step,
-    score,
-    spread,
-    stored_elites,
-    update_buffer,
-)
 from states import HOLDOUT, REAL_HOLDOUT, TRAIN_MOLECULES
 
 
@@ -135,10 +120,10 @@ GROUP_EDGES = np.array([1, 4, 16, 64])  # peak-count groups: 0, 1-3, 4-15, 16-63
 
 def check_config(cfg: Config) -> None:
     """Reject options that cannot work, before anything is loaded (ValueError)."""
-    if cfg.command != "train" or cfg.loss not in spectuner.LOSSES or cfg.shaping not in SHAPING:
+    if cfg.command != "train" or cfg.loss not in spectuner.LOSSES or cfg.shaping not in rl.SHAPING:
         raise ValueError(
             f"command {cfg.command!r} / loss {cfg.loss!r} / shaping {cfg.shaping!r}: expected "
-            f"train|export|real_best / {sorted(spectuner.LOSSES)} / {sorted(SHAPING)}"
+            f"train|export|real_best / {sorted(spectuner.LOSSES)} / {sorted(rl.SHAPING)}"
         )
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r}: torch sees no CUDA device; use --device cpu")
@@ -232,7 +217,7 @@ def main(cfg: Config) -> dict:
     evals, rand_best, kinds = eval_sets(ctx, cfg)
     # --- model, optimiser, buffer ---
     net, opt, buf, loop = start(cfg, mcfg, run, rng, gen)
-    server = states.StateServer(ctx, cfg)
+    server = state_server.StateServer(ctx, cfg)
     pool = server.make(loop["pool"])
     pool += server.make([new_id(loop, cfg) for _ in range(cfg.pool_size - len(pool))])
     # --- loop ---
@@ -245,18 +230,18 @@ def main(cfg: Config) -> dict:
             batch_states, rep_idx, w_is = draw_batch(pool, buf, server, loop, beta, rng, cfg)
             n_fresh = len(batch_states) - len(rep_idx)
             batch = model.collate([s["tokens"] for s in batch_states], cfg.device)
-            u = draw_actions(net, batch, K, n_uni, gen)  # (K, B, 5): policy, then uniform
-            losses, u_all, l_all = score(batch_states, u, buf, rep_idx, n_fresh, server, cfg)
+            u = rl.draw_actions(net, batch, K, n_uni, gen)  # (K, B, 5): policy, then uniform
+            losses, u_all, l_all = rl.score(batch_states, u, buf, rep_idx, n_fresh, server, cfg)
             server.drop([s["sid"] for s in batch_states])
-            adv = advantages(l_all, batch_states, cfg)  # (K+1, B)
+            adv = rl.advantages(l_all, batch_states, cfg)  # (K+1, B)
             # --- REINFORCE step (method §6; the equations in reinforce_loss) ---
             weights = np.concatenate([np.ones(n_fresh), w_is])  # importance weights (1 if fresh)
             weights = weights / np.isfinite(l_all).sum(0)  # per member present
-            elites = stored_elites(buf, rep_idx, w_is, n_fresh, cfg)
-            logp = reinforce_step(net, opt, batch, u_all, adv, weights, n_uni, cfg, elites)
+            elites = rl.stored_elites(buf, rep_idx, w_is, n_fresh, cfg)
+            logp = rl.reinforce_step(net, opt, batch, u_all, adv, weights, n_uni, cfg, elites)
             loop["step"] = step = step + 1
             # --- buffer, log, evaluate, checkpoint ---
-            pol_best = update_buffer(buf, batch_states, rep_idx, losses, u_all, l_all, K - n_uni,
+            pol_best = rl.update_buffer(buf, batch_states, rep_idx, losses, u_all, l_all, K - n_uni,
                                      cfg)  # fmt: skip
             do_eval = bool(cfg.eval_every and step % cfg.eval_every == 0 and evals)
             if step % cfg.log_every == 0 or step == cfg.n_steps or do_eval:

@@ -11,7 +11,10 @@ import torch
 
 import lte
 import model
+import replay
+import rl
 import spectuner
+import state_server
 import states
 import train
 
@@ -85,7 +88,7 @@ def test_bad_inputs_raise(tmp_path):
 
 
 def test_buffer_priorities_probabilities_weights():
-    buf = train.ReplayBuffer(capacity=4, alpha=0.5, eps=1e-3)
+    buf = replay.ReplayBuffer(capacity=4, alpha=0.5, eps=1e-3)
     buf.add(10, np.zeros(5), 1.0)
     assert buf.priority[0] == 1.0  # the initial maximum
     buf.update(np.array([0]), np.array([4.0 - 1e-3]), np.zeros((1, 5)), np.array([0.5]))
@@ -118,15 +121,15 @@ def test_leave_one_out_baseline():
     r = np.array([1.0, 2.0, 3.0])
     z = (r - 2.0) / np.sqrt(2.0 / 3.0)
     expected = np.array([z[0] - (z[1] + z[2]) / 2, z[1] - (z[0] + z[2]) / 2, z[2] - z[:2].mean()])
-    np.testing.assert_allclose(train.loo_advantage(r), expected)
-    np.testing.assert_allclose(train.loo_advantage(np.ones(4)), 0.0)
+    np.testing.assert_allclose(rl.loo_advantage(r), expected)
+    np.testing.assert_allclose(rl.loo_advantage(np.ones(4)), 0.0)
 
 
 def test_rank_utility_ties_and_order():
-    u = train.rank_utility(np.array([-100.0, -1.0, -1.02, -2.0]), resolution=0.1)
+    u = rl.rank_utility(np.array([-100.0, -1.0, -1.02, -2.0]), resolution=0.1)
     assert u[0] == 0.0 and u[1] == u[2] > u[3]  # -1.0 and -1.02 tie at resolution 0.1
     assert u[3] == 0.0  # rank 3 of 4: max(0, log(4/2 + 1) - log(3)) = 0
-    assert train.rank_utility(np.array([1.0, 2.0]), 0.0)[1] == pytest.approx(np.log(2.0))
+    assert rl.rank_utility(np.array([1.0, 2.0]), 0.0)[1] == pytest.approx(np.log(2.0))
 
 
 def test_short_training_improves_reward_on_a_fixed_state(tmp_path):
@@ -212,11 +215,11 @@ def _toy_policy(seed=0):
 def test_reinforce_gradient_moves_towards_the_better_action():
     net, batch = _toy_policy()
     u = torch.tensor([[[0.2] * 5], [[0.8] * 5], [[0.5] * 5]])  # (K+1=3, B=1, 5), member 2 absent
-    adv = torch.tensor(train.loo_advantage(np.array([1.0, -1.0])).tolist() + [0.0])[:, None]
+    adv = torch.tensor(rl.loo_advantage(np.array([1.0, -1.0])).tolist() + [0.0])[:, None]
     before = net.log_prob(u, batch).detach()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(5):
-        pg, ent = train.reinforce_loss(net.log_prob(u, batch), adv, torch.ones(1) / 2, 0.0, 2, 0.0)
+        pg, ent = rl.reinforce_loss(net.log_prob(u, batch), adv, torch.ones(1) / 2, 0.0, 2, 0.0)
         opt.zero_grad()
         pg.backward()
         opt.step()
@@ -227,10 +230,10 @@ def test_reinforce_gradient_moves_towards_the_better_action():
 def test_mixture_weights_and_entropy_gradient():
     logp = torch.tensor([[0.0], [math.log(3.0)], [0.0]], requires_grad=True)
     adv = torch.tensor([[1.0], [1.0], [0.0]])
-    pg, _ = train.reinforce_loss(logp, adv, torch.ones(1), 0.5, 1, 0.0)
+    pg, _ = rl.reinforce_loss(logp, adv, torch.ones(1), 0.5, 1, 0.0)
     # rho = pi / (0.5 pi + 0.5): 1 at pi = 1, 3 / 2 at pi = 3; pg = -(rho_0 logp_0 + rho_1 logp_1)
     assert pg.item() == pytest.approx(-(1.5 * math.log(3.0)))
-    _, ent = train.reinforce_loss(logp, adv, torch.ones(1), 0.0, 2, 1.0)
+    _, ent = rl.reinforce_loss(logp, adv, torch.ones(1), 0.0, 2, 1.0)
     ent.backward()  # d/dlogp of mean((lp - mean) lp) = (lp - mean) / n: lowers the likely one
     g = logp.grad[:2, 0]
     assert g[1] > 0 > g[0]
@@ -246,19 +249,19 @@ def _toy_run(loss_fn, explore_frac, steps=80, K=16, imit_coef=0.0):
     n_uni = int(round(explore_frac * K))
     elite_u, elite_l = np.zeros((0, 5)), np.zeros(0)
     for _ in range(steps):
-        u = train.draw_actions(net, batch, K, n_uni, gen)[:, 0]  # (K, 5)
+        u = rl.draw_actions(net, batch, K, n_uni, gen)[:, 0]  # (K, 5)
         loss = loss_fn(u)
-        elite_u, elite_l = train.distinct_elites(np.concatenate([elite_u, u]),
+        elite_u, elite_l = replay.distinct_elites(np.concatenate([elite_u, u]),
                                                  np.concatenate([elite_l, loss]), 1.0, 4, 0.3,
                                                  0.1)  # fmt: skip
-        adv = train.loo_advantage(train.rank_utility(-loss, 0.0))
+        adv = rl.loo_advantage(rl.rank_utility(-loss, 0.0))
         u_all = torch.tensor(np.concatenate([u, u[:1], elite_u])[:, None], dtype=torch.float32)
         A = torch.tensor(np.append(adv, 0.0)[:, None], dtype=torch.float32)
         logp = net.log_prob(u_all, batch)
-        pg, ent = train.reinforce_loss(logp[: K + 1], A, torch.ones(1) / K, n_uni / K,
+        pg, ent = rl.reinforce_loss(logp[: K + 1], A, torch.ones(1) / K, n_uni / K,
                                        K - n_uni, 0.03)  # fmt: skip
         present = torch.tensor(np.isfinite(elite_l)[:, None], dtype=torch.float32)
-        imit = train.imitation_loss(logp[K + 1 :], present, torch.ones(1), imit_coef)
+        imit = rl.imitation_loss(logp[K + 1 :], present, torch.ones(1), imit_coef)
         opt.zero_grad()
         (pg + ent + imit).backward()
         opt.step()
@@ -285,13 +288,13 @@ def test_elite_imitation_keeps_two_equal_basins():
 def test_distinct_elites_and_the_buffer_keep_them():
     U = np.array([[0.1] * 5, [0.12] * 5, [0.9] * 5, [0.5] * 5, [0.3] * 5])
     L = np.array([-10.0, -10.0, -9.8, 5.0, np.nan])
-    eu, el = train.distinct_elites(U, L, scale=1.0, m=3, dist=0.1, tol=0.05)
+    eu, el = replay.distinct_elites(U, L, scale=1.0, m=3, dist=0.1, tol=0.05)
     # the second is too close to the first, the fourth lags by 15 / 11, the fifth is not finite
     assert np.allclose(el[:2], [-10.0, -9.8]) and np.isinf(el[2]) and np.allclose(eu[1], 0.9)
-    buf = train.ReplayBuffer(capacity=2, alpha=0.6, eps=1e-3, n_elites=3)
+    buf = replay.ReplayBuffer(capacity=2, alpha=0.6, eps=1e-3, n_elites=3)
     buf.add(7, eu[0], el[0], (eu, el))
     old = {k: v for k, v in buf.state_dict().items() if not k.startswith("elite")}
-    again = train.ReplayBuffer(capacity=2, alpha=0.6, eps=1e-3, n_elites=3)
+    again = replay.ReplayBuffer(capacity=2, alpha=0.6, eps=1e-3, n_elites=3)
     again.load_state_dict(old)  # a checkpoint from before elites: its best is the first elite
     assert again.elite_loss[0, 0] == -10.0 and np.isinf(again.elite_loss[0, 1])
     again.load_state_dict(buf.state_dict())
@@ -307,11 +310,11 @@ def test_uniform_share_escapes_a_collapsed_policy():
     net, batch, gen = _toy_run(lambda u: np.abs(u[:, 0] - 0.25), 0.0, steps=60)
     with torch.no_grad():
         own = net.sample(batch, 400, generator=gen)[0].double().numpy()  # (400, 1, 5)
-    assert train.spread(own)["eval_std_eta"] < 0.05 and np.mean(own[:, 0, 0] < 0.5) > 0.98
+    assert rl.spread(own)["eval_std_eta"] < 0.05 and np.mean(own[:, 0, 0] < 0.5) > 0.98
     better = lambda u: np.minimum(np.abs(u[:, 0] - 0.25) + 0.2, np.abs(u[:, 0] - 0.75))  # noqa
     hits = []  # of five steps' draws of K = 16, how many have their best in the better basin
     for n_uni in (0, 4):
-        u = [train.draw_actions(net, batch, 16, n_uni, gen)[:, 0] for _ in range(5)]
+        u = [rl.draw_actions(net, batch, 16, n_uni, gen)[:, 0] for _ in range(5)]
         hits.append(sum(int(x[np.argmin(better(x)), 0] > 0.5) for x in u))
     assert hits[0] <= 1 and hits[1] >= 4, hits
 
@@ -431,7 +434,7 @@ def test_state_server_references():
     mcfg = model.ModelConfig(max_tokens=8, fine_len=16)
     ctx = dict(train={"CH3OH": lte.load_molecule("CH3OH")}, hold={}, real=[],
                box=spectuner.make_box(["t"]), mcfg=mcfg)  # fmt: skip
-    server = states.StateServer(ctx, cfg)
+    server = state_server.StateServer(ctx, cfg)
     rec = server.make([7, 7, 8])
     assert "problem" not in rec[0] and rec[0]["sid"] == 7 and rec[2]["sid"] == 8
     U = np.random.default_rng(0).random((3, 5))
