@@ -19,8 +19,9 @@ from astropy.io import fits
 
 RESUME_KEYS = tuple(  # options a resumed run must share with the run it continues
     "mol catalog method policy loss n_init n_refine bounds fix v_lsr dish_m continuum rms bunit "
-    "min_peaks peak_snr min_channels seed".split()
+    "min_peaks peak_snr min_channels seed maxiter".split()
 )
+LATER_KEYS = {"maxiter": 100}  # options added since: a run.json without them used this default
 
 
 # --- chunks on disk: whole chunks survive Ctrl-C or a crash, --resume reads them back ---
@@ -110,7 +111,7 @@ def start_or_resume(out: Path, cfg) -> dict:
     run_key = dict(cube_sha256=file_sha256(cfg.cube), **{k: getattr(cfg, k) for k in RESUME_KEYS})
     if cfg.resume and (out / "run.json").exists():
         old = json.loads((out / "run.json").read_text())
-        diff = sorted(k for k in run_key if old.get(k) != run_key[k])
+        diff = sorted(k for k in run_key if old.get(k, LATER_KEYS.get(k)) != run_key[k])
         if diff:
             raise ValueError(f"--resume: {out} holds a run with other {diff}; use another --out")
     elif cfg.overwrite:

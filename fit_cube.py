@@ -81,6 +81,8 @@ class Config:
     loss: str = "pm"  # pm (peak matching) or chi2
     n_init: int = 50  # random starts (policy samples for nn methods) per pixel
     n_refine: int = 2  # best distinct starts refined per pixel, best kept (>= 1)
+    maxiter: int = 0  # SLSQP iterations per refinement; 0 = 10 with pm (the chi2 refinement
+    # then sets the values: same maps, half the CPU; docs/benchmarks.md §4), 100 with chi2
     bounds: list[str] = field(default_factory=list)  # [MOL:]NAME=LO:HI, physical units
     fix: list[str] = field(default_factory=list)  # [MOL:]NAME=VALUE, physical units
     v_lsr: float = float("nan")  # systemic velocity, km/s; nan = header (VELO-LSR...) or 0
@@ -112,8 +114,9 @@ def check_options(cfg: Config, log) -> tuple[Config, Path]:
     after the checks that need no file (notes through log).
 
     Raises:
-        ValueError: no --mol, an unknown method or loss, --n_init < 1, a negative --workers, or
-            an --out that is a file or holds an earlier run (without --resume or --overwrite).
+        ValueError: no --mol, an unknown method or loss, --n_init < 1 or --maxiter < 0, a negative
+            --workers, or an --out that is a file or holds an earlier run (without --resume or
+            --overwrite).
     """
     if not cfg.mol:
         raise ValueError("no molecule: give --mol NAME (e.g. --mol CH3OH)")
@@ -123,8 +126,8 @@ def check_options(cfg: Config, log) -> tuple[Config, Path]:
     if method not in spectuner.METHODS or cfg.loss not in spectuner.LOSSES:
         raise ValueError(f"--method {method!r} / --loss {cfg.loss!r}: expected one of "
                          f"{sorted(spectuner.METHODS)} / {sorted(spectuner.LOSSES)}")  # fmt: skip
-    if cfg.n_init < 1:
-        raise ValueError(f"--n_init {cfg.n_init}: expected a number of starts >= 1")
+    if cfg.n_init < 1 or cfg.maxiter < 0:
+        raise ValueError(f"--n_init {cfg.n_init} / --maxiter {cfg.maxiter}: expected >= 1 / >= 0")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers, note = resolve_workers(cfg.workers, cores)
     if note:
@@ -132,7 +135,9 @@ def check_options(cfg: Config, log) -> tuple[Config, Path]:
     stem = re.sub(r"\.fits?(\.gz)?$", "", Path(cfg.cube).name, flags=re.I)
     out = Path(cfg.out or f"{stem}_fit")
     check_out(out, cfg.resume, cfg.overwrite)
-    return dataclasses.replace(cfg, method=method, workers=workers, out=str(out)), out
+    maxiter = cfg.maxiter or (10 if cfg.loss == "pm" else 100)
+    cfg = dataclasses.replace(cfg, method=method, workers=workers, out=str(out), maxiter=maxiter)
+    return cfg, out
 
 
 def select_pixels(cfg: Config, cube: dict) -> np.ndarray:
@@ -201,6 +206,7 @@ def main(cfg: Config) -> dict:
     # --- model: molecules, fit options ---
     mols, bounds, fix = load_molecules(cfg, cube)
     fit_kwargs = dict(method=cfg.method, loss=cfg.loss, n_init=cfg.n_init, n_refine=cfg.n_refine,
+                      maxiter=cfg.maxiter,
                       bounds=bounds, fix=fix, v_lsr_kms=v_lsr, dish_m=cfg.dish_m or None,
                       policy=cfg.policy or None)  # fmt: skip
     beams = cube["beam_arcsec"]

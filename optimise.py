@@ -30,7 +30,8 @@ def refine_slsqp(f, u0: np.ndarray, f0: float, maxiter: int = 100):
     """SLSQP with bounds [0, 1] from u0 (loss f0). Returns (u, loss, nfev, status).
 
     It stops when the loss changes by less than f.ftol (an attribute the objective may carry:
-    the change that the noise does not resolve; default 1e-6).
+    the change that the noise does not resolve; default 1e-6), or after f.maxiter iterations
+    (another such attribute; default `maxiter`).
 
     The gradient is by forward differences (a backward step at the upper bound) with every
     perturbed point in ONE batched call of f: the numpy model is cheaper per point in a batch,
@@ -65,7 +66,7 @@ def refine_slsqp(f, u0: np.ndarray, f0: float, maxiter: int = 100):
         jac=gradient,
         method="SLSQP",
         bounds=[(0.0, 1.0)] * u0.size,
-        options={"maxiter": maxiter, "ftol": getattr(f, "ftol", 1e-6)},
+        options={"maxiter": getattr(f, "maxiter", maxiter), "ftol": getattr(f, "ftol", 1e-6)},
     )
     return _better(res, u0, f0, nfev)
 

@@ -169,6 +169,10 @@ class Problem:
         # 12 % at the same recovery, but pso+slsqp recovered 81 instead of 83 of 100 truths;
         # looser tolerances for pm stopped some fits far from their minimum.
         self.ftol = 1e-6
+        # SLSQP's iteration limit per refinement (fit_spectrum's maxiter): on clean cubes 10
+        # gives the same maps as 100 at half the CPU, since the chi2 refinement that follows
+        # sets the values (docs/benchmarks.md §4)
+        self.maxiter = 100
 
     def _params(self, X: np.ndarray, j: int, k: int) -> np.ndarray:
         """Molecule k's parameters (B, 5) in window j: eta at the window for a single dish."""

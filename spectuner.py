@@ -91,6 +91,7 @@ class Config:
     n_init: int = 50  # random starts (policy samples for nn methods)
     pso_restarts: int = 1  # independent particle-swarm runs, best kept
     n_refine: int = 2  # best distinct starts refined by the local optimiser, best kept (>= 1)
+    maxiter: int = 100  # SLSQP iterations per refinement (fit_cube.py --maxiter)
     seed: int = 0  # seeds every random draw
     json: str = ""  # write the result here (JSON); "" = do not
     plot: str = ""  # draw data, model and residual per window here (PNG); "" = do not
@@ -253,6 +254,7 @@ def main(cfg: Config) -> dict:
         policy=cfg.policy or None,
         pso_restarts=cfg.pso_restarts,
         n_refine=cfg.n_refine,
+        maxiter=cfg.maxiter,
     )
     for key in ("note", "fallback"):
         if res[key]:

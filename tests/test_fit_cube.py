@@ -541,6 +541,7 @@ def test_bad_input_stops_before_the_first_pixel_with_one_line(tiny, tmp_path, ca
         ([tiny, "--region", "0:100,0:2"], "beyond"),
         ([tiny, "--n_init", "0"], "--n_init"),
         ([tiny, "--n_init", "-4"], "--n_init"),
+        ([tiny, "--maxiter", "-1"], "--maxiter"),
         ([str(nan_cube)], "no finite value"),
         ([str(truncated)], str(truncated)),
         ([str(text)], str(text)),

@@ -119,3 +119,17 @@ def test_real_windows_fit_finds_ch3oh(shared_data, method, n_refine):
     p = res["params"]["CH3OH"]
     assert abs(p["v_off"]) < 1 and 0.5 < p["delta_v"] < 2  # issue 12's test of "found"
     assert res["nfev"] <= 1000  # issue 12's budget for the default method
+
+
+def test_an_iteration_limit_before_the_chi2_refinement_is_not_a_failure(ch3oh):
+    windows = window(ch3oh, TRUTH)
+    full = st.fit_spectrum(windows, [ch3oh], method="random+slsqp", n_init=10, seed=2)
+    short = st.fit_spectrum(windows, [ch3oh], method="random+slsqp", n_init=10, seed=2, maxiter=2)
+    assert short["nfev"] < full["nfev"] and short["status"] == "ok"  # the chi2 refinement set it
+    bare = st.fit_spectrum(windows, [ch3oh], method="random+slsqp", n_init=10, seed=2, maxiter=2,
+                           chi2_refine=False)  # fmt: skip
+    assert bare["status"] == "maxiter"  # without it, stopped at the limit is said
+    for p in ("T_ex", "delta_v", "v_off"):  # the refined values agree
+        assert short["params"]["CH3OH"][p] == pytest.approx(full["params"]["CH3OH"][p], rel=0.02)
+    with pytest.raises(ValueError, match="maxiter=0"):
+        st.fit_spectrum(windows, [ch3oh], maxiter=0)
