@@ -35,14 +35,18 @@ class Config:
     kind: str = "clean"  # coverage: clean (CH3OH alone) or forest (in hot_corino line forests)
 
 
-def _rate(fn, n_spectra: int, min_s: float = 1.0) -> float:
-    """Spectra per second of fn() (which makes n_spectra), repeated for at least min_s."""
+def _rate(fn, n_spectra: int, min_s: float = 1.0, rounds: int = 5) -> float:
+    """Spectra per second of fn() (which makes n_spectra): the best of `rounds` rounds of at
+    least min_s / rounds each (the best round is the least disturbed by other load)."""
     fn()
-    t0, reps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < min_s:
-        fn()
-        reps += 1
-    return reps * n_spectra / (time.perf_counter() - t0)
+    best = np.inf
+    for _ in range(rounds):
+        t0, reps = time.perf_counter(), 0
+        while time.perf_counter() - t0 < min_s / rounds:
+            fn()
+            reps += 1
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return n_spectra / best
 
 
 REF_LTE = """
@@ -59,12 +63,15 @@ state = create_spectral_line_model_state([sl], [freq], [{"beam_info": (beam_deg,
                                           "T_bg": 0.0, "need_cmb": True}])
 params = d["params"]
 compute_effective_spectra(state, params[:1], need_individual=False)  # compile (numba)
-t0, n = time.perf_counter(), 0
-while time.perf_counter() - t0 < 2.0:
-    for p in params:
-        compute_effective_spectra(state, p[None], need_individual=False)
-        n += 1
-print(f"{(time.perf_counter() - t0) / n * 1e3:.4f}")
+best = np.inf
+for _ in range(5):  # the best of 5 rounds, as _rate times this project
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.4:
+        for p in params:
+            compute_effective_spectra(state, p[None], need_individual=False)
+            n += 1
+    best = min(best, (time.perf_counter() - t0) / n)
+print(f"{best * 1e3:.4f}")
 """
 
 

@@ -61,7 +61,8 @@ def log10_partition(xp, T_K, table_T_K, table_log10_Q):
     """
     x_tab = xp.log10(table_T_K)
     x = xp.log10(T_K)
-    i = xp.clip(xp.searchsorted(x_tab, x) - 1, 0, len(x_tab) - 2)
+    i = xp.searchsorted(x_tab, x) - 1
+    i = np.minimum(np.maximum(i, 0), len(x_tab) - 2) if xp is np else xp.clip(i, 0, len(x_tab) - 2)
     slope = (table_log10_Q[i + 1] - table_log10_Q[i]) / (x_tab[i + 1] - x_tab[i])
     return table_log10_Q[i] + slope * (x - x_tab[i])
 

@@ -15,6 +15,7 @@ Molecules come from catalogs.py (`load_molecule`, re-exported here).
 Parameters (the last axis of `params`): eta, T_ex_K, N_tot_cm2, fwhm_kms, v_off_kms.
 """
 
+import ctypes
 import math
 
 import numpy as np
@@ -39,6 +40,24 @@ N_SIGMA_MAX = 8.0  # a line's opacity is kept out to this many sigma (at most; s
 PARAM_NAMES = ("eta", "T_ex_K", "N_tot_cm2", "fwhm_kms", "v_off_kms")
 
 
+def keep_freed_memory(mmap_MB: int = 32, trim_MB: int = 64) -> bool:
+    """Let glibc serve allocations below mmap_MB from its heap and keep up to trim_MB of freed
+    memory, instead of mapping fresh zero pages for every MB-sized temporary of the kernel.
+
+    Page faults on those fresh pages were half the cost of a batched spectrum on the project's
+    machines (docs/benchmarks.md §1). Called on import; the only effect is that the process
+    keeps up to trim_MB of freed memory. A no-op (False) where the C library has no mallopt.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, mmap_MB << 20)) and bool(libc.mallopt(-1, trim_MB << 20))
+    except (OSError, AttributeError, TypeError):  # not glibc: leave the allocator as it is
+        return False
+
+
+keep_freed_memory()  # M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1) of glibc's malloc.h
+
+
 def planck_J_K(xp, freq_MHz, T_K):
     """Radiation temperature J(nu, T) = (h nu/k) / (exp(h nu/k T) - 1) [K] (docs/method.md §2)."""
     h_nu_k = H_OVER_K_K_PER_MHZ * freq_MHz
@@ -48,18 +67,23 @@ def planck_J_K(xp, freq_MHz, T_K):
 # --- the forward model (docs/method.md §2) ---
 
 
+_LIMITS = np.array([(0.0, 1.0), (1e-3, 1e5), (0.0, 1e30), (1e-4, 1e4), (-C_KMS / 2, C_KMS / 2)])
+
+
 def _check_params(params) -> None:
     """Raise ValueError naming the first bad value in params (..., 5)."""
     p = np.asarray(params, dtype=float)
     if p.ndim == 0 or p.shape[-1] != 5:
         raise ValueError(f"params must have shape (..., 5) {PARAM_NAMES}, got {p.shape}")
-    limits = [(0.0, 1.0), (1e-3, 1e5), (0.0, 1e30), (1e-4, 1e4), (-C_KMS / 2, C_KMS / 2)]
-    for k, (lo, hi) in enumerate(limits):
+    lo, hi = _LIMITS[:, 0], _LIMITS[:, 1]
+    if (p >= lo).all() and (p <= hi).all():  # also False for NaN: every good case in 2 tests
+        return
+    for k in range(5):
         col = p[..., k]
-        bad = ~np.isfinite(col) | (col < lo) | (col > hi)
+        bad = ~np.isfinite(col) | (col < lo[k]) | (col > hi[k])
         if bad.any():
             value = col[bad].ravel()[0]
-            raise ValueError(f"{PARAM_NAMES[k]}={value} out of range; expected {lo} to {hi}")
+            raise ValueError(f"{PARAM_NAMES[k]}={value} out of range; expected {lo[k]} to {hi[k]}")
 
 
 def _channel_edges(freq_MHz: np.ndarray) -> np.ndarray:
@@ -87,15 +111,15 @@ def _plan(s_chan, tau_peak, k_per_sigma=4.0, n_sub_max=64):
     Args: s_chan, tau_peak (B, L): line sigma in channels, peak opacity.
     Returns: n_sub (B,) and K (B,) powers of 2, simpson (B,) bool.
     """
-    tmax = tau_peak.max(axis=-1)
-    steep = np.sqrt(1.0 + 2.0 * np.log1p(tmax))
-    need = k_per_sigma * steep / s_chan.min(axis=-1)
-    n_sub = np.where(tmax < 1e-3, 1, np.clip(np.ceil(need), 1, n_sub_max)).astype(int)
-    n_sub = 2 ** np.ceil(np.log2(n_sub)).astype(int)  # few distinct values -> few groups
+    tmax = np.maximum.reduce(tau_peak, axis=-1)
+    s_min = np.minimum.reduce(s_chan, axis=-1)
+    need = k_per_sigma * np.sqrt(1.0 + 2.0 * np.log1p(tmax)) / s_min  # steepness / sigma
+    n_sub = np.minimum(np.maximum(np.ceil(need), 1.0), n_sub_max)
+    n_sub[tmax < 1e-3] = 1.0
+    n_sub = np.int64(1) << np.frexp(n_sub - 1.0)[1]  # next power of 2: few values, few groups
     reach = np.minimum(np.sqrt(2.0 * np.log(np.maximum(tmax, 1.0) / 1e-6)), N_SIGMA_MAX)
-    K = np.ceil(reach * s_chan.max(axis=-1) * n_sub).astype(int) + 1
-    K = 2 ** np.ceil(np.log2(K)).astype(int)
-    return n_sub, K, s_chan.min(axis=-1) * n_sub >= 2.0
+    K = np.int64(1) << np.frexp(np.ceil(reach * np.maximum.reduce(s_chan, axis=-1) * n_sub))[1]
+    return n_sub, K, s_min * n_sub >= 2.0
 
 
 def _integrated_tau(lines: Molecule, T_ex, N):
@@ -131,22 +155,24 @@ def line_layout(freq_MHz, mol: Molecule, params) -> dict:
     tau_int = _integrated_tau(lines, T_ex, N)  # (B, L) [MHz]
     mu = (nu - f0) - nu * v_off / C_KMS  # mu_t - f0 = nu_t (1 - v_off/c) - f0, (B, L) [MHz]
     sigma = fwhm / FWHM_PER_SIGMA * (nu / C_KMS) * (1.0 - v_off / C_KMS)  # (B, L) [MHz]
-    e, widths = edges - f0, np.diff(edges)
-    i = np.clip(np.searchsorted(e, mu) - 1, 0, f.size - 1)
-    x = i + (mu - e[i]) / widths[i]  # (B, L) centre in channel-index units
-    s, tau = sigma / widths[i], tau_int / widths[i]  # [channels]
+    i = np.minimum(np.maximum(edges.searchsorted(mu + f0) - 1, 0), f.size - 1)  # its channel
+    e_i = edges[i]
+    w = edges[i + 1] - e_i  # channel width
+    x = i + (mu - (e_i - f0)) / w  # (B, L) centre in channel-index units
+    s, tau = sigma / w, tau_int / w  # [channels]
     out = dict(f=f, P=P, x=x, s=s, tau=tau, L=nu.size)
     if nu.size:
         out["n_sub"], out["K"], out["simpson"] = _plan(s, tau / (math.sqrt(2 * math.pi) * s))
+        n, K = out["n_sub"][:, None], out["K"][:, None]
+        j0 = np.floor(x * n)  # centre sub-channel, (B, L)
+        out["reach"] = (np.floor_divide(j0 - K, n), np.floor_divide(j0 + K, n))
     return out
 
 
 def _line_reach(layout: dict) -> tuple[np.ndarray, np.ndarray]:
     """First and last channel (B, L) of the 2K+1 sub-channels around each line's centre,
-    unclipped: what _average_channels touches."""
-    n, K = layout["n_sub"][:, None], layout["K"][:, None]
-    j0 = np.floor(layout["x"] * n)  # centre sub-channel, (B, L)
-    return np.floor_divide(j0 - K, n), np.floor_divide(j0 + K, n)
+    unclipped: what _average_channels touches (computed by line_layout)."""
+    return layout["reach"]
 
 
 def touched_channels(layout: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +183,7 @@ def touched_channels(layout: dict) -> tuple[np.ndarray, np.ndarray]:
     C = layout["f"].size
     lo, hi = _line_reach(layout)
     keep = (hi >= 0) & (lo <= C - 1)
-    return np.clip(lo[keep], 0, C - 1).astype(int), np.clip(hi[keep], 0, C - 1).astype(int)
+    return np.maximum(lo[keep], 0).astype(int), np.minimum(hi[keep], C - 1).astype(int)
 
 
 def covering(lo: np.ndarray, hi: np.ndarray, n_chan: int, pad: int = 0) -> np.ndarray:
@@ -189,23 +215,42 @@ def _average_channels(C, n_sub, K, x, s, tau_chan, amp, simpson):
     b, L = x.shape
     pad = 2 * K + 1  # sub-channels of padding at each end: clipped centres land there
     Fp = n_sub * C + 2 * pad
-    j0 = np.clip(np.floor(x * n_sub), -K - 1, n_sub * C + K)  # (b, L) centre sub-channel
+    j0 = np.minimum(np.maximum(np.floor(x * n_sub), -K - 1), n_sub * C + K)  # centre sub-channel
     scale = 1.0 / (math.sqrt(2.0) * s)  # (b, L): z = (nu - mu) / (sqrt(2) sigma)
     dz = (scale / n_sub)[..., None]  # sub-channel width in z
     z0 = ((j0 - x * n_sub) / n_sub * scale)[..., None]  # (b, L, 1)
-    if simpson:
-        g = np.exp(-((z0 + 0.5 * np.arange(-2 * K, 2 * K + 3) * dz) ** 2))  # edges, mid-points
-        mass = dz / (6.0 * math.sqrt(math.pi)) * (g[..., :-1:2] + 4.0 * g[..., 1::2] + g[..., 2::2])
+    weight = (tau_chan * n_sub)[..., None]  # integrated opacity per sub-channel of unit mass
+    if simpson:  # in place: these arrays are the kernel's largest
+        g_edge = np.multiply(np.arange(-K, K + 2.0), dz)  # (b, L, 2K+2) sub-channel edges
+        tau_bin = np.multiply(np.arange(-K, K + 1.0) + 0.5, dz)  # (b, L, 2K+1) mid-points
+        for g in (g_edge, tau_bin):  # exp(-z^2) there
+            g += z0
+            np.square(g, out=g)
+            np.negative(g, out=g)
+            np.exp(g, out=g)
+        tau_bin *= 4.0
+        tau_bin += g_edge[..., :-1]
+        tau_bin += g_edge[..., 1:]
+        tau_bin *= weight * dz * (1.0 / (6.0 * math.sqrt(math.pi)))  # mean opacity, sub-channel
     else:
         z = z0 + np.arange(-K, K + 2) * dz  # (b, L, W+1) sub-channel edges
-        mass = 0.5 * (erf(z[..., 1:]) - erf(z[..., :-1]))  # (b, L, W)
-    tau_bin = (tau_chan * n_sub)[..., None] * mass  # mean opacity on each sub-channel
+        tau_bin = erf(z)
+        tau_bin = weight * 0.5 * (tau_bin[..., 1:] - tau_bin[..., :-1])  # (b, L, W)
     first = (np.arange(b)[:, None] * Fp + j0.astype(np.int64) + pad - K)[..., None]  # (b, L, 1)
     flat = first + np.arange(2 * K + 1)
     tau = np.bincount(flat.ravel(), weights=tau_bin.ravel(), minlength=b * Fp)
-    tau = tau.reshape(b, Fp)[:, pad : pad + n_sub * C]  # (b, n_sub C)
-    absorbed = -np.expm1(-tau).reshape(b, C, n_sub).mean(-1)  # (b, C)
-    return amp * absorbed
+    tau = np.negative(tau.reshape(b, Fp)[:, pad : pad + n_sub * C])  # -tau, (b, n_sub C)
+    np.expm1(tau, out=tau)  # -(1 - exp(-tau))
+    if n_sub == 1:
+        return amp * np.negative(tau, out=tau)
+    if n_sub <= 8:  # a reduction over a short last axis is slow in numpy: add strided slices
+        mean = tau[:, 0::n_sub] + tau[:, 1::n_sub]
+        for j in range(2, n_sub):
+            mean += tau[:, j::n_sub]
+    else:
+        mean = np.add.reduce(tau.reshape(b, C, n_sub), axis=-1)
+    mean *= -1.0 / n_sub  # (b, C) channel mean of 1 - exp(-tau)
+    return amp * mean
 
 
 def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndarray:
@@ -221,31 +266,43 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
     """
     f, P, C = layout["f"], layout["P"], layout["f"].size
     idx = np.arange(C) if channels is None else np.asarray(channels, dtype=int)
-    out = np.zeros((len(P), idx.size))
     if layout["L"] == 0 or idx.size == 0:
-        return out
+        return np.zeros((len(P), idx.size))
+    out = np.zeros((len(P), idx.size))
     lo, hi = _line_reach(layout)  # channels a line touches
     K = layout["K"][:, None]
-    cols = np.flatnonzero(((hi >= 0) & (lo <= C - 1)).any(axis=0))  # lines that reach at all
-    x, s_all, tau_all = (layout[k][:, cols] for k in ("x", "s", "tau"))
+    touch = (hi >= 0) & (lo <= C - 1)
+    cols = np.logical_or.reduce(touch, axis=0).nonzero()[0]  # lines that reach at all
+    x, s_all, tau_all = layout["x"], layout["s"], layout["tau"]
+    if cols.size < layout["L"]:
+        x, s_all, tau_all, lo, hi, touch = (a[:, cols] for a in (x, s_all, tau_all, lo, hi, touch))
     if channels is not None:  # move each line by a whole number of channels onto `idx`
-        lo, hi = np.clip(lo[:, cols], 0, C - 1).astype(int), hi[:, cols]
-        starts = np.flatnonzero(np.diff(idx, prepend=-2) != 1)  # runs of consecutive channels
+        lo = np.minimum(np.maximum(lo, 0), C - 1).astype(int)
+        gap = np.empty(idx.size, dtype=bool)
+        gap[0] = True
+        np.not_equal(idx[1:] - idx[:-1], 1, out=gap[1:])
+        starts = gap.nonzero()[0]  # runs of consecutive channels
         shift = idx[starts] - starts  # full index - compressed index within each run
-        run = np.clip(np.searchsorted(idx[starts], lo, side="right") - 1, 0, starts.size - 1)
-        away = (hi < 0) | (lo > C - 1) | (hi < idx[0])  # touches nothing: far below the grid
-        x = np.where(away, -4.0 * K - 8.0, x - shift[run])
+        run = np.maximum(idx[starts].searchsorted(lo, side="right") - 1, 0)
+        away = ~touch | (hi < idx[0])  # touches nothing: far below the grid
+        x = np.where(away, (-1.0 - K) / layout["n_sub"][:, None], x - shift[run])  # away: into
+        # the padding below channel 0, centred on its sub-channel (no exp underflow there)
     eta, T_ex = P[:, 0:1], P[:, 1:2]
-    dJ = planck_J_K(np, f[idx], T_ex) - planck_J_K(np, f[idx], T_CMB_K) * cmb  # (B, n)
-    amp = eta * (dJ - np.broadcast_to(np.asarray(T_bg_K, dtype=float), f.shape)[idx])
+    f_idx = f[idx]
+    dJ = planck_J_K(np, f_idx, T_ex) - planck_J_K(np, f_idx, T_CMB_K) * cmb  # (B, n)
+    T_bg = np.asarray(T_bg_K, dtype=float)
+    amp = eta * (dJ - (T_bg if T_bg.ndim == 0 else np.broadcast_to(T_bg, f.shape)[idx]))
     n_sub, K, simpson = layout["n_sub"], layout["K"], layout["simpson"]
+    if len(P) == 1:  # one row, one group
+        return _average_channels(idx.size, int(n_sub[0]), int(K[0]), x, s_all, tau_all, amp,
+                                 bool(simpson[0]))  # fmt: skip
     group = (n_sub.astype(np.int64) << 32) + (K.astype(np.int64) << 1) + simpson
     for g in np.unique(group):
-        rows = np.flatnonzero(group == g)
+        rows = (group == g).nonzero()[0]
         n, k, simp = int(n_sub[rows[0]]), int(K[rows[0]]), bool(simpson[rows[0]])
         step = max(1, int(3e5 // (idx.size * n + 4 * (k + 1) * max(cols.size, 1))))
         for a in range(0, len(rows), step):
-            r = rows[a : a + step]
+            r = slice(None) if len(rows) == len(group) <= step else rows[a : a + step]
             out[r] = _average_channels(idx.size, n, k, x[r], s_all[r], tau_all[r], amp[r], simp)
     return out
 
@@ -277,8 +334,10 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
         raise ValueError(f"freq_MHz must be a non-empty 1-D finite array, got shape {freq.shape}")
     _check_params(params)
     flip = freq[-1] < freq[0]
-    T_bg = np.broadcast_to(np.asarray(T_bg_K, dtype=float), freq.shape)
-    f, T_bg = (freq[::-1].copy(), T_bg[::-1]) if flip else (freq, T_bg)
+    T_bg = np.asarray(T_bg_K, dtype=float)
+    if T_bg.ndim:  # a continuum per channel
+        T_bg = np.broadcast_to(T_bg, freq.shape)[::-1] if flip else T_bg
+    f = freq[::-1].copy() if flip else freq
     layout = line_layout(f, mol, params.reshape(-1, 5))
     idx = covering(*touched_channels(layout), f.size)  # the model is 0 on every other channel
     out = np.zeros((len(layout["P"]), f.size))

@@ -109,6 +109,8 @@ class Config:
     hidden: int = 128  # flow conditioner width
     n_eval: int = 32  # evaluation states per set (trained molecules, held-out ones)
     eval_every: int = 250  # steps between evaluations (0 = never)
+    snap_every: int = 0  # steps between policy snapshots run_dir/snaps/step_N.pt, for choosing
+    # the shipped policy by evaluate.py (0 = none)
     ckpt_every: int = 1000  # steps between checkpoints
     ckpt_minutes: float = 5.0  # and at least this often [min]
     log_every: int = 20  # steps between log lines

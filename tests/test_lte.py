@@ -2,6 +2,8 @@
 
 import gzip
 import http.server
+import platform
+import sys
 import threading
 from functools import partial
 
@@ -299,3 +301,26 @@ def test_cli_info_and_error(capsys):
     assert "lines=" in capsys.readouterr().out
     assert catalogs.main(["info", "NOPE_MOLECULE"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_batch_of_mixed_plans_equals_single_rows_for_many_lines():
+    """Rows with different sub-channel plans (narrow / broad, thin / thick lines) and lines that
+    reach the window in some rows only: each row of the batch is the row computed alone."""
+    mol = lte.load_molecule("CH3OH")
+    f = np.arange(241000.0, 241300.0, 0.122)
+    p = np.array([[0.5, 150.0, 1e16, 1.0, 0.0], [0.9, 30.0, 1e19, 0.3, -12.0],
+                  [0.2, 300.0, 1e14, 30.0, 12.0], [1.0, 80.0, 1e18, 5.0, 3.3]])  # fmt: skip
+    layout = lte.line_layout(f, mol, p)
+    assert len(set(zip(layout["n_sub"], layout["K"]))) >= 3  # the rows are in different groups
+    out = lte.spectrum(f, mol, p)
+    for row, q in zip(out, p):
+        single = lte.spectrum(f, mol, q[None])[0]
+        assert np.abs(row - single).max() <= 1e-12 * np.abs(single).max()
+
+
+NOT_GLIBC = sys.platform != "linux" or platform.libc_ver()[0] != "glibc"
+
+
+@pytest.mark.skipif(NOT_GLIBC, reason="mallopt is glibc's; elsewhere keep_freed_memory is a no-op")
+def test_keep_freed_memory_sets_glibc_malloc_thresholds():
+    assert lte.keep_freed_memory() is True
