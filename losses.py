@@ -52,9 +52,12 @@ def _merged_spans(T_K, peaks):
     order = np.argsort(left, kind="stable")
     left, right, pk = left[order], right[order], peaks[order]
     reach = np.maximum.accumulate(right)
-    group = np.concatenate(([0], np.cumsum(left[1:] > reach[:-1])))  # a new span starts here
-    starts = np.flatnonzero(np.diff(group, prepend=-1))
-    spans = np.c_[left[starts], np.maximum.reduceat(right, starts)]
+    new = np.empty(left.size, dtype=bool)
+    new[0] = True
+    np.greater(left[1:], reach[:-1], out=new[1:])  # a new span starts here
+    group = np.cumsum(new) - 1
+    starts = new.nonzero()[0]
+    spans = np.stack([left[starts], np.maximum.reduceat(right, starts)], axis=1)
     best = np.lexsort((np.arange(pk.size), -T_K[pk], group))  # per span: highest, then first
     tops = pk[best[np.searchsorted(group[best], np.arange(starts.size))]]
     return spans, tops, peaks
@@ -78,12 +81,14 @@ def _span_means(y: np.ndarray, cum: np.ndarray, a: np.ndarray, b: np.ndarray) ->
     def at(x):  # (integral from channel 0, value) of the interpolant at x
         i = np.minimum(np.maximum(np.floor(x).astype(int), 0), last)
         t = x - i
-        y0, dy = y[..., i], y[..., i + 1] - y[..., i]
+        y0 = y[..., i]
+        dy = y[..., i + 1] - y0
         return cum[..., i] + t * y0 + 0.5 * t * t * dy, y0 + t * dy
 
     width = b - a
     inside = width > 0
-    (int_b, _), (int_a, y_a) = at(b), at(a)
+    ints, vals = at(np.concatenate([b, a]))  # both ends in one gather
+    int_b, int_a, y_a = ints[..., : b.size], ints[..., b.size :], vals[..., b.size :]
     return np.where(inside, (int_b - int_a) / np.where(inside, width, 1.0), y_a)
 
 
@@ -101,10 +106,10 @@ def fp_weights(x: np.ndarray, peaks_obs: np.ndarray, n_chan: int) -> np.ndarray:
     p = np.sort(peaks_obs).astype(float)
     if p.size == 0:
         return np.ones(x.shape)
-    half = np.diff(p) / 2 if p.size > 1 else np.array([n_chan / 2])
+    half = (p[1:] - p[:-1]) / 2 if p.size > 1 else np.array([n_chan / 2])
     j = np.searchsorted(p, x)
     inner = (j > 0) & (j < p.size)
-    k = np.clip(j, 1, max(p.size - 1, 1))  # the gap (p[k-1], p[k]) of an inner x
+    k = np.minimum(np.maximum(j, 1), max(p.size - 1, 1))  # the gap (p[k-1], p[k]) of inner x
     w_in = np.minimum(x - p[k - 1], p[np.minimum(k, p.size - 1)] - x) / half[k - 1]
     w_out = np.abs(x - p[np.minimum(j, p.size - 1)]) / np.where(j == 0, half[0], half[-1])
     return np.minimum(1.0, np.where(inner, w_in, w_out))
@@ -177,7 +182,10 @@ LOSSES = {"chi2": loss_chi2, "pm": loss_pm}
 def runs_of(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start positions in idx of its runs of consecutive channels, and each run's shift
     (channel in the window - position in idx)."""
-    starts = np.flatnonzero(np.diff(idx, prepend=-2) != 1)
+    new = np.empty(idx.size, dtype=bool)
+    new[:1] = True
+    np.not_equal(idx[1:] - idx[:-1], 1, out=new[1:])
+    starts = new.nonzero()[0]
     return starts, idx[starts] - starts
 
 
@@ -210,15 +218,16 @@ def pm_on(T_model: np.ndarray, idx: np.ndarray, win: dict, exact_row) -> np.ndar
     floor = PEAK_SIGMA * rms
     resid = np.abs(T_obs - T_model)  # (B, n)
     out = (resid.sum(-1) + win["abs_total"] - np.abs(T_obs).sum()) / C
-    rows = np.flatnonzero((T_model >= floor).any(axis=-1))  # rows with no 4 rms channel: no peak
+    rows = np.logical_or.reduce(T_model >= floor, axis=-1).nonzero()[0]  # no 4 rms: no peak
     if rows.size == 0:
         return out
     m, n = rows.size, idx.size
     stride = n + 1
     sig = np.empty((m, stride))
     sig[:, :n], sig[:, n] = T_model[rows], T_model[rows].max() + 1.0  # rows, walls
-    height = np.concatenate([floor, [0.0]])
-    peaks = find_peaks(sig.ravel(), height=np.tile(height, m), prominence=win["prominence"])[0]
+    height = np.zeros((m, stride))
+    height[:, :n] = floor
+    peaks = find_peaks(sig.ravel(), height=height.ravel(), prominence=win["prominence"])[0]
     spans, tops, _ = _merged_spans(sig.ravel(), peaks[peaks % stride != n])
     if spans.size == 0:
         return out
@@ -226,7 +235,8 @@ def pm_on(T_model: np.ndarray, idx: np.ndarray, win: dict, exact_row) -> np.ndar
     local = spans - (r * stride)[:, None]
     starts, shift = runs_of(idx)
     run = np.searchsorted(starts, np.floor(local), side="right") - 1  # (n_m, 2)
-    crossed = np.unique(r[run[:, 0] != run[:, 1]])
+    cross = run[:, 0] != run[:, 1]
+    crossed = np.unique(r[cross]) if cross.any() else np.empty(0, dtype=int)
     Y = np.zeros((3, m, stride))  # T_obs, T_model, |resid| per row, 0 at the walls
     Y[0, :, :n], Y[1, :, :n], Y[2, :, :n] = T_obs, T_model[rows], resid[rows]
     Y = Y.reshape(3, -1)
