@@ -52,6 +52,20 @@ def test_smoke_writes_checkpoint_metrics_config(tmp_path):
     model.load_policy(out)
 
 
+def test_snapshots_every_n_steps_are_policies_of_those_steps(tmp_path):
+    """--snap_every writes run_dir/snaps/step_N.pt at every N-th step (for choosing the shipped
+    policy by evaluate.py), each the network at that step, loadable as a policy file."""
+    cfg = _tiny(tmp_path, n_steps=4, snap_every=2)
+    train.main(cfg)
+    snaps = sorted(p.name for p in (Path(cfg.run_dir) / "snaps").iterdir())
+    assert snaps == ["step_0000002.pt", "step_0000004.pt"]
+    last, _ = model.load_policy(Path(cfg.run_dir) / "snaps" / "step_0000004.pt")
+    first, _ = model.load_policy(Path(cfg.run_dir) / "snaps" / "step_0000002.pt")
+    ckpt = torch.load(Path(cfg.run_dir) / "ckpt.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, ckpt[k]) for k, v in last.state_dict().items())
+    assert any(not torch.equal(v, ckpt[k]) for k, v in first.state_dict().items())
+
+
 def test_resume_continues_from_saved_step(tmp_path):
     train.main(_tiny(tmp_path, n_steps=3))
     last = train.main(_tiny(tmp_path, n_steps=5, resume=True))
