@@ -128,7 +128,8 @@ def fit_spectrum(
                               if i // 5 == k} for k, m in enumerate(names)}  # fmt: skip
     result["chi2_refine"] = polish
     result["detection"] = {
-        m: detect_and_limit(objective.resid_x, X, k, box) for k, m in enumerate(names)
+        m: detect_and_limit(objective.resid_x, X, k, box, chi2_x=objective.chi2_x)
+        for k, m in enumerate(names)
     }
     if dish_m:
         result |= _source_size(objective.nu_ref, X, names, dish_m)

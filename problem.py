@@ -4,9 +4,10 @@ Built once per spectrum (docs/method.md §3-§4): the windows taken to the rest 
 frequency, each molecule's lines within reach of them, the observed peaks, and the constants
 of the losses. Calling it on unit-cube points U (B, n_free) gives the loss (B,), computed only
 on the channels the model lines reach (cost ~ lines x channels per line, not the band), equal
-to the loss over every channel; `resid` gives the noise-normalised residuals. Every model run
-is counted in `nfev`. fit_spectrum, fit_cube, train and evaluate all use it, so the reward the
-policy is trained on is the loss it is used with.
+to the loss over every channel; `resid` gives the noise-normalised residuals and `chi2_x` their
+sum of squares (at the cost of the touched channels). Every model run is counted in `nfev`.
+fit_spectrum, fit_cube, train and evaluate all use it, so the reward the policy is trained on
+is the loss it is used with.
 
     import numpy as np, lte, problem
     mol = lte.load_molecule("CH3OH")
@@ -238,6 +239,17 @@ class Problem:
         not counted in nfev."""
         return np.concatenate([(w.T_obs_K - T) / w.rms_K
                                for w, T in zip(self.windows, self.model(X))], axis=1)  # fmt: skip
+
+    def chi2_x(self, X: np.ndarray) -> np.ndarray:
+        """sum over every channel of every window of resid_x(X)^2, X (B, 5 k) physical -> (B,),
+        from the model on the channels the lines reach (losses.chi2_on adds the constant of
+        the others), e.g. the N_tot scans of the limits; not counted in nfev."""
+        X = np.atleast_2d(X)
+        total = np.zeros(len(X))
+        for j, win in enumerate(self.consts):
+            idx, T = self._model_on(X, j)
+            total += 2.0 * win["T_obs"].size * losses.chi2_on(T, idx, win)  # chi2_on: 0.5 mean
+        return total
 
     def resid(self, U: np.ndarray) -> np.ndarray:
         """Noise-normalised residuals (T_obs - T_model) / rms of every channel of every

@@ -15,11 +15,17 @@ summed over the windows on a common v_off grid. The best lag of each template gi
 eta N_tot = a eta_t N_t (thin lines scale with eta N), put into eta first, the rest into N_tot.
 Channels are taken as evenly spaced in frequency (true of ALMA and single-dish windows); the
 starts are then evaluated and refined with the exact Problem. Cost: each template's fine model
-is counted as n_over model runs (it has n_over times the channels of a window model).
+is counted as n_over model runs (it has n_over times the channels of a window model). The fine
+models do not depend on the data: a process keeps the channel means of its last CACHE_SIZE
+windows (MEANS_CACHE), so the pixels of a cube run them once per process; each problem is still
+charged for them, so that a pixel's nfev does not depend on the pixels fitted before it.
 
     import numpy as np, stack
     U, L = stack.candidates(problem)  # (n, n_free) starts, best first, losses; nfev counted
 """
+
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -29,6 +35,12 @@ from problem import to_unit
 TAU_THIN = 0.1  # peak opacity of the template's strongest line: thin, so T ~ eta N
 N_T_EX, N_FWHM = 3, 5  # template grid: geometric points inside the box (ends excluded)
 LAG_STEP_KMS = 0.25  # fine-grid step target: well below the narrowest FWHM of the grid
+CACHE_SIZE = 4  # windows whose template channel means a process keeps (issue 10)
+# The one piece of state here: the template channel means of the last CACHE_SIZE windows,
+# keyed on every input they depend on, so that a cube's pixels (same windows, lines and
+# templates, other data) compute them once per process instead of once per pixel.
+MEANS_CACHE: OrderedDict = OrderedDict()
+CACHE_LOCK = threading.Lock()  # a Dask worker may fit pixels in several threads
 
 
 def _grid(box: dict, i: int, n: int) -> np.ndarray:
@@ -58,24 +70,60 @@ def templates(problem, k: int) -> np.ndarray:
     return P
 
 
-def _window_stats(w, lines, P: np.ndarray, v_max: float):
-    """(v (n_lag,), c (n_t, n_lag), d (n_t, n_lag), n_over) of one window, lags to +-v_max."""
-    f = w.freq_MHz
+def _channel_means(f: np.ndarray, lines, P: np.ndarray, T_bg: float, v_max: float):
+    """(B, B^2 (n_t, F), K, n_over, h, nu_c) of one window: each template's channel means B at
+    every fine start (lags to +-v_max), from MEANS_CACHE when the same inputs were seen.
+
+    B depends on the window's frequencies, the lines, the templates, T_bg and v_max only, not
+    on the data, so the pixels of a cube share it."""
+    key = (f.tobytes(), _lines_key(lines), P.shape, P.tobytes(), float(T_bg), float(v_max))
+    with CACHE_LOCK:
+        if key in MEANS_CACHE:
+            MEANS_CACHE.move_to_end(key)
+            return MEANS_CACHE[key]
     dnu, nu_c = (f[-1] - f[0]) / (f.size - 1), 0.5 * (f[0] + f[-1])
     n_over = int(np.clip(np.ceil(dnu / nu_c * lte.C_KMS / LAG_STEP_KMS), 1, 8))
     h = dnu / n_over
     K = int(np.ceil(v_max * nu_c / lte.C_KMS / h))
     fine = f[0] - dnu / 2 - K * h + (np.arange(f.size * n_over + 2 * K) + 0.5) * h
-    T_bg = float(np.mean(w.T_bg_K))
     M = lte.spectrum(fine, lines, P, T_bg)  # (n_t, F): counted by the caller
     csum = np.concatenate([np.zeros((len(P), 1)), np.cumsum(M, axis=1)], axis=1)
     B = (csum[:, n_over:] - csum[:, :-n_over]) / n_over  # channel means at every fine start
+    B2 = B * B
+    B.flags.writeable = B2.flags.writeable = False  # shared by every caller with these inputs
+    value = (B, B2, K, n_over, h, nu_c)
+    with CACHE_LOCK:
+        MEANS_CACHE[key] = value
+        while len(MEANS_CACHE) > CACHE_SIZE:
+            MEANS_CACHE.popitem(last=False)  # least recently used
+    return value
+
+
+def _lines_key(lines) -> tuple:
+    """What of a line list lte.spectrum reads, as bytes (a cache key)."""
+    arrays = (lines.freq_MHz, lines.A_s, lines.g_u, lines.E_low_K, lines.Q_T_K, lines.log10_Q)
+    return (lines.name,) + tuple(np.asarray(a, dtype=float).tobytes() for a in arrays)
+
+
+def _window_stats(w, lines, P: np.ndarray, v_max: float):
+    """(v (n_lag,), c (n_t, n_lag), d (n_t, n_lag), n_over) of one window, lags to +-v_max."""
+    f = w.freq_MHz
+    T_bg = float(np.mean(w.T_bg_K))
+    B, B2, K, n_over, h, nu_c = _channel_means(f, lines, P, T_bg, v_max)
     wgt = 1.0 / np.broadcast_to(w.rms_K, f.shape) ** 2
-    idx = np.arange(f.size) * n_over  # channel i at lag L reads B[K + L + i n_over]
+    c = np.einsum("tlc,c->tl", _lagged(B, K, n_over, f.size), wgt * w.T_obs_K)  # every lag
+    d = np.einsum("tlc,c->tl", _lagged(B2, K, n_over, f.size), wgt)  # at once
     lags = np.arange(-K, K + 1)
-    c = np.stack([B[:, K + L + idx] @ (wgt * w.T_obs_K) for L in lags], axis=1)
-    d = np.stack([B[:, K + L + idx] ** 2 @ wgt for L in lags], axis=1)
     return lags * h / nu_c * lte.C_KMS, c, d, n_over
+
+
+def _lagged(A: np.ndarray, K: int, n_over: int, C: int) -> np.ndarray:
+    """Read-only view (n_t, 2K + 1, C) of A (n_t, F): [t, K + L, i] = A[t, K + L + i n_over],
+    what channel i reads at lag L (no copy)."""
+    assert A.shape[1] == (C - 1) * n_over + 2 * K + 1, (A.shape, C, n_over, K)  # in bounds
+    s_t, s_f = A.strides
+    return np.lib.stride_tricks.as_strided(A, (len(A), 2 * K + 1, C), (s_t, s_f, s_f * n_over),
+                                           writeable=False)  # fmt: skip
 
 
 def matched_filter(problem, k: int):
@@ -98,7 +146,10 @@ def matched_filter(problem, k: int):
         c += np.stack([np.interp(v, v_j, row) for row in c_j])
         d += np.stack([np.interp(v, v_j, row) for row in d_j])
         n_over_max = max(n_over_max, n_over)
-    problem.nfev += len(P) * n_over_max  # each fine model costs n_over window models
+    # Each fine model costs n_over window models. They are counted whether run here or taken
+    # from MEANS_CACHE: a pixel's nfev (a map of fit_cube) must not depend on which pixels its
+    # worker fitted before (the output is identical for any worker count).
+    problem.nfev += len(P) * n_over_max
     return P, v, c, d
 
 

@@ -211,7 +211,8 @@ def noise_residuals(windows, molecules, X, v_lsr_kms: float = 0.0, dish_m=None) 
 
 
 def detect_and_limit(resid_x, X: np.ndarray, k: int, box: dict, n_sigma: float = LIMIT_SIGMA,
-                     dchi2_min: float = DETECT_DCHI2, step_dex: float = 0.1) -> dict:  # fmt: skip
+                     dchi2_min: float = DETECT_DCHI2, step_dex: float = 0.1,
+                     chi2_x=None) -> dict:  # fmt: skip
     """Detection test and upper limit of molecule k's N_tot along its chi2 profile.
 
     chi2(N) = sum_c resid_x(X with N_tot,k = N)_c^2, the other parameters held at X (fixed,
@@ -226,6 +227,8 @@ def detect_and_limit(resid_x, X: np.ndarray, k: int, box: dict, n_sigma: float =
     Args:
         resid_x: X (B, 5 k) -> (B, M) noise-normalised residuals (noise_residuals).
         X: (5 k,) physical parameters, e.g. the fit. box: make_box's box (N_tot range).
+        chi2_x: X (B, 5 k) -> (B,) the sum of squares of resid_x, e.g. Problem.chi2_x (the
+            touched channels only); None = from resid_x.
 
     Returns:
         dict: dchi2, detected (bool), N_tot_upper (cm^-2; NaN when chi2 never rises by
@@ -239,7 +242,7 @@ def detect_and_limit(resid_x, X: np.ndarray, k: int, box: dict, n_sigma: float =
     def chi2(log10_N):  # (n,) -> (n,), one batched model call
         XB = np.tile(X, (np.size(log10_N), 1))
         XB[:, i] = np.where(np.isfinite(log10_N), 10.0 ** np.asarray(log10_N, float), 0.0)
-        return np.sum(resid_x(XB) ** 2, axis=1)
+        return chi2_x(XB) if chi2_x is not None else np.sum(resid_x(XB) ** 2, axis=1)
 
     chi2_all = chi2(np.concatenate([[-np.inf], grid]))
     chi2_zero, chi2_grid = chi2_all[0], chi2_all[1:]

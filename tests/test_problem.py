@@ -80,3 +80,59 @@ def test_problem_refuses_bad_windows():
         problem.Problem([], [mol], box)
     with pytest.raises(ValueError, match="loss"):
         problem.Problem([problem.Window(f, 0 * f, 0.1)], [mol], box, loss="l2")
+
+
+def _assert_chi2_x_exact(fit, X):
+    n0 = fit.nfev
+    sparse, dense = fit.chi2_x(X), np.sum(fit.resid_x(X) ** 2, axis=1)
+    assert np.all(np.isfinite(dense)) and fit.nfev == n0  # not counted, as resid_x
+    np.testing.assert_allclose(sparse, dense, rtol=1e-9, atol=0)
+
+
+def _n_tot_scan(X, k=0):
+    """X (5 k,) with molecule k's N_tot over detect_and_limit's scan: 0, then 1e6-1e22."""
+    XB = np.tile(X, (18, 1))
+    XB[:, 5 * k + 2] = np.r_[0.0, 10.0 ** np.arange(6.0, 23.0)]
+    return XB
+
+
+def test_chi2_on_touched_channels_equals_dense_on_real_windows(shared_data):
+    folder = shared_data / "spectra" / "iras16293b"
+    wins = []
+    with open(folder / "windows.csv") as fh:
+        for row in csv.DictReader(fh):
+            f, T = np.loadtxt(folder / f"spw{row['spw']}.dat", unpack=True)
+            wins.append(problem.Window(f, T, float(row["rms_K"]), float(row["T_bg_K"]),
+                                       float(row["beam_fwhm_arcsec"])))  # fmt: skip
+    mol = lte.load_molecule("CH3OH")
+    box = problem.make_box(["CH3OH"])
+    fit = problem.Problem(wins[:4], [mol], box, v_lsr_kms=2.7)
+    rng = np.random.default_rng(5)
+    _assert_chi2_x_exact(fit, problem.to_physical(_box_points(rng, box, 64), box))
+    _assert_chi2_x_exact(fit, _n_tot_scan(np.array([0.5, 150.0, 1e17, 0.7, -0.1])))  # limits
+
+
+def test_chi2_on_touched_channels_equals_dense_for_two_molecules_and_edges():
+    ch3oh, sio = lte.load_molecule("CH3OH"), lte.load_molecule("SiO")
+    # the CH3OH line at 241791.35 MHz lies 1 MHz above the first window (its wing reaches in),
+    # SiO 5-4 (217104.98 MHz) inside the second, given in descending frequency
+    f1, f2 = np.linspace(241700.0, 241790.3, 700), np.linspace(217080.0, 217130.0, 400)
+    truth = np.array([0.8, 120.0, 1e17, 3.0, 0.5, 0.6, 60.0, 1e14, 2.0, -1.0])
+    box = problem.make_box(["CH3OH", "SiO"])
+    rng = np.random.default_rng(6)
+    bare = [problem.Window(f1, 0 * f1, 0.1), problem.Window(f2, 0 * f2, 0.1)]
+    T1, T2 = problem.Problem(bare, [ch3oh, sio], box).model(truth)  # lines in the data
+    rms2 = rng.uniform(0.05, 0.2, f2.size)  # per channel
+    wins = [problem.Window(f1, T1[0] + rng.normal(0, 0.1, f1.size), 0.1, 2.0),
+            problem.Window(f2[::-1], (T2[0] + rng.normal(0, rms2))[::-1], rms2[::-1])]  # fmt: skip
+    fit = problem.Problem(wins, [ch3oh, sio], box)
+    _assert_chi2_x_exact(fit, problem.to_physical(_box_points(rng, box, 48), box))
+    for k in (0, 1):
+        _assert_chi2_x_exact(fit, _n_tot_scan(truth, k))
+    far = truth.copy()
+    far[4] = -12.0  # CH3OH 12 km/s further above the first window: its far wing at most
+    _assert_chi2_x_exact(fit, _n_tot_scan(far))
+    none = truth.copy()
+    none[[2, 7]] = 0.0  # no molecule: the sum of (T_obs / rms)^2
+    data = sum(((w.T_obs_K / w.rms_K) ** 2).sum() for w in wins)
+    assert fit.chi2_x(none[None])[0] == pytest.approx(data, rel=1e-12)

@@ -133,3 +133,76 @@ def test_an_iteration_limit_before_the_chi2_refinement_is_not_a_failure(ch3oh):
         assert short["params"]["CH3OH"][p] == pytest.approx(full["params"]["CH3OH"][p], rel=0.02)
     with pytest.raises(ValueError, match="maxiter=0"):
         st.fit_spectrum(windows, [ch3oh], maxiter=0)
+
+
+def _lag_loops(w, lines, P, v_max):
+    """c and d of stack._window_stats as first written: one gather and product per lag."""
+    B, _, K, n_over, _, _ = stack._channel_means(w.freq_MHz, lines, P, 0.0, v_max)
+    wgt = 1.0 / np.broadcast_to(w.rms_K, w.freq_MHz.shape) ** 2
+    idx = np.arange(w.freq_MHz.size) * n_over
+    c = np.stack([B[:, K + L + idx] @ (wgt * w.T_obs_K) for L in range(-K, K + 1)], axis=1)
+    d = np.stack([B[:, K + L + idx] ** 2 @ wgt for L in range(-K, K + 1)], axis=1)
+    return c, d, n_over
+
+
+@pytest.mark.parametrize("step_MHz", [0.15, 0.6])  # n_over 1 and 3 (0.19 and 0.74 km/s)
+def test_all_lags_at_once_equal_the_loop_over_lags(ch3oh, step_MHz):
+    f = np.arange(241650, 241950, step_MHz)
+    T = lte.spectrum(f, ch3oh, np.array([TRUTH]))[0]
+    rms = np.random.default_rng(3).uniform(0.5, 1.5, f.size) * T.max() / 30  # per channel
+    w = st.Window(f, T + np.random.default_rng(4).normal(0, rms), rms)
+    fit = problem.Problem([w], [ch3oh], problem.make_box(["CH3OH"]))
+    P, win = stack.templates(fit, 0), fit.windows[0]
+    _, c, d, n_over = stack._window_stats(win, fit.lines[0][0], P, 12.0)
+    c_ref, d_ref, n_ref = _lag_loops(win, fit.lines[0][0], P, 12.0)
+    assert n_over == n_ref == (1 if step_MHz == 0.15 else 3)
+    # the same sums in another order: equal to rounding, relative to the largest term
+    np.testing.assert_allclose(c, c_ref, rtol=0, atol=1e-12 * np.abs(c_ref).max())
+    np.testing.assert_allclose(d, d_ref, rtol=1e-12, atol=0)
+
+
+def test_template_means_are_cached_per_inputs_and_runs_counted_each_time(ch3oh, monkeypatch):
+    runs = []
+    real = lte.spectrum
+
+    def counted(freq, mol, params, *args):  # the fine grids: more points than the window
+        runs.extend([len(freq)] if len(freq) > 2000 else [])
+        return real(freq, mol, params, *args)
+
+    stack.MEANS_CACHE.clear()
+    box = problem.make_box(["CH3OH"])
+    pixels = [window(ch3oh, TRUTH, seed=s) for s in (0, 1)]  # same channels, other noise
+    with monkeypatch.context() as m:
+        m.setattr(stack.lte, "spectrum", counted)
+        first = problem.Problem(pixels[0], [ch3oh], box)
+        U1, L1 = stack.candidates(first)
+        n_fine = len(runs)
+        second = problem.Problem(pixels[1], [ch3oh], box)
+        U2, L2 = stack.candidates(second)
+    assert n_fine == 1 and len(runs) == 1  # the fine models ran for the first pixel only
+    assert first.nfev == second.nfev  # but each problem is charged for them (same nfev map)
+    stack.MEANS_CACHE.clear()  # the second pixel uncached: the same starts, bit for bit
+    fresh = problem.Problem(pixels[1], [ch3oh], box)
+    U3, L3 = stack.candidates(fresh)
+    assert np.array_equal(U2, U3) and np.array_equal(L2, L3) and fresh.nfev == second.nfev
+    # other channels (shifted by a third of a channel) must not reuse the cached means
+    f = pixels[0][0].freq_MHz + 0.05
+    shifted = [st.Window(f, pixels[0][0].T_obs_K, pixels[0][0].rms_K)]
+    with monkeypatch.context() as m:
+        m.setattr(stack.lte, "spectrum", counted)
+        U4, _ = stack.candidates(problem.Problem(shifted, [ch3oh], box))
+    assert len(runs) == 2 and len(stack.MEANS_CACHE) == 2
+    stack.MEANS_CACHE.clear()
+    U5, _ = stack.candidates(problem.Problem(shifted, [ch3oh], box))
+    assert np.array_equal(U4, U5)
+    for extra in range(stack.CACHE_SIZE + 1):  # a small LRU: the oldest entries go
+        stack.candidates(problem.Problem([st.Window(f + extra, f * 0, 0.1)], [ch3oh], box))
+    assert len(stack.MEANS_CACHE) == stack.CACHE_SIZE
+
+
+def test_fit_spectrum_with_cached_templates_is_the_same_fit(ch3oh):
+    windows = window(ch3oh, TRUTH, seed=5)
+    stack.MEANS_CACHE.clear()
+    cold = st.fit_spectrum(windows, [ch3oh], method="stack+slsqp")
+    warm = st.fit_spectrum(windows, [ch3oh], method="stack+slsqp")  # fit_spectrum asserts nfev
+    assert warm["params"] == cold["params"] and warm["nfev"] == cold["nfev"]
