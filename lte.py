@@ -15,11 +15,9 @@ Molecules come from catalogs.py (`load_molecule`, re-exported here).
 Parameters (the last axis of `params`): eta, T_ex_K, N_tot_cm2, fwhm_kms, v_off_kms.
 """
 
-import ctypes
 import math
 
 import numpy as np
-from scipy.special import erf
 
 from catalogs import (  # noqa: F401  (re-exported: lte.load_molecule is the public API)
     H_OVER_K_K_PER_MHZ,
@@ -29,6 +27,12 @@ from catalogs import (  # noqa: F401  (re-exported: lte.load_molecule is the pub
     make_molecule,
     select_lines,
 )
+from subchannels import (  # noqa: F401  (re-exported: lte.keep_freed_memory)
+    N_SIGMA_MAX,
+    average_channels,
+    keep_freed_memory,
+    plan,
+)
 
 C_KMS = 299792.458  # speed of light [km/s]
 T_CMB_K = 2.726
@@ -36,26 +40,7 @@ C2_OVER_8PI = (
     35.7603  # c^2/(8 pi) for N [cm^-2], A [s^-1], nu [MHz] -> tau [MHz] (docs/method.md §2)
 )
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-N_SIGMA_MAX = 8.0  # a line's opacity is kept out to this many sigma (at most; see _plan)
 PARAM_NAMES = ("eta", "T_ex_K", "N_tot_cm2", "fwhm_kms", "v_off_kms")
-
-
-def keep_freed_memory(mmap_MB: int = 32, trim_MB: int = 64) -> bool:
-    """Let glibc serve allocations below mmap_MB from its heap and keep up to trim_MB of freed
-    memory, instead of mapping fresh zero pages for every MB-sized temporary of the kernel.
-
-    Page faults on those fresh pages were half the cost of a batched spectrum on the project's
-    machines (docs/benchmarks.md §1). Called on import; the only effect is that the process
-    keeps up to trim_MB of freed memory. A no-op (False) where the C library has no mallopt.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(-3, mmap_MB << 20)) and bool(libc.mallopt(-1, trim_MB << 20))
-    except (OSError, AttributeError, TypeError):  # not glibc: leave the allocator as it is
-        return False
-
-
-keep_freed_memory()  # M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1) of glibc's malloc.h
 
 
 def planck_J_K(xp, freq_MHz, T_K):
@@ -100,28 +85,6 @@ def reach_kms(v_off_max_kms: float, fwhm_max_kms: float) -> float:
     return float(v_off_max_kms + N_SIGMA_MAX * fwhm_max_kms / FWHM_PER_SIGMA)
 
 
-def _plan(s_chan, tau_peak, k_per_sigma=4.0, n_sub_max=64):
-    """Sub-channels per channel for each row, the half-window of sub-channels per line, and
-    the quadrature (Simpson where a sub-channel is at most sigma/2, else exact erf).
-
-    A row needs fine sub-channels when its lines are narrow against the channel and not
-    optically thin: the edges of a saturated line (where tau ~ 1) are steeper than the line,
-    by sqrt(2 ln tau_peak), and must be resolved for the channel average (docs/method.md §2). Each
-    choice is a function of the row alone, so a spectrum does not depend on its batch.
-    Args: s_chan, tau_peak (B, L): line sigma in channels, peak opacity.
-    Returns: n_sub (B,) and K (B,) powers of 2, simpson (B,) bool.
-    """
-    tmax = np.maximum.reduce(tau_peak, axis=-1)
-    s_min = np.minimum.reduce(s_chan, axis=-1)
-    need = k_per_sigma * np.sqrt(1.0 + 2.0 * np.log1p(tmax)) / s_min  # steepness / sigma
-    n_sub = np.minimum(np.maximum(np.ceil(need), 1.0), n_sub_max)
-    n_sub[tmax < 1e-3] = 1.0
-    n_sub = np.int64(1) << np.frexp(n_sub - 1.0)[1]  # next power of 2: few values, few groups
-    reach = np.minimum(np.sqrt(2.0 * np.log(np.maximum(tmax, 1.0) / 1e-6)), N_SIGMA_MAX)
-    K = np.int64(1) << np.frexp(np.ceil(reach * np.maximum.reduce(s_chan, axis=-1) * n_sub))[1]
-    return n_sub, K, s_min * n_sub >= 2.0
-
-
 def _integrated_tau(lines: Molecule, T_ex, N):
     """tau_t [MHz] of each line (see `spectrum`), T_ex and N (B, 1) -> (B, L)."""
     nu, A, gu, El = lines.freq_MHz, lines.A_s, lines.g_u, lines.E_low_K
@@ -162,7 +125,7 @@ def line_layout(freq_MHz, mol: Molecule, params) -> dict:
     s, tau = sigma / w, tau_int / w  # [channels]
     out = dict(f=f, P=P, x=x, s=s, tau=tau, L=nu.size)
     if nu.size:
-        out["n_sub"], out["K"], out["simpson"] = _plan(s, tau / (math.sqrt(2 * math.pi) * s))
+        out["n_sub"], out["K"], out["simpson"] = plan(s, tau / (math.sqrt(2 * math.pi) * s))
         n, K = out["n_sub"][:, None], out["K"][:, None]
         j0 = np.floor(x * n)  # centre sub-channel, (B, L)
         out["reach"] = (np.floor_divide(j0 - K, n), np.floor_divide(j0 + K, n))
@@ -171,7 +134,7 @@ def line_layout(freq_MHz, mol: Molecule, params) -> dict:
 
 def _line_reach(layout: dict) -> tuple[np.ndarray, np.ndarray]:
     """First and last channel (B, L) of the 2K+1 sub-channels around each line's centre,
-    unclipped: what _average_channels touches (computed by line_layout)."""
+    unclipped: what subchannels.average_channels touches (computed by line_layout)."""
     return layout["reach"]
 
 
@@ -198,59 +161,6 @@ def covering(lo: np.ndarray, hi: np.ndarray, n_chan: int, pad: int = 0) -> np.nd
     a, b = lo[new], np.maximum.reduceat(hi, np.flatnonzero(new))
     size = b - a + 1
     return np.repeat(a - np.cumsum(size) + size, size) + np.arange(size.sum())
-
-
-def _average_channels(C, n_sub, K, x, s, tau_chan, amp, simpson):
-    """Channel averages of amp * (1 - exp(-tau)), tau on n_sub sub-channels per channel.
-
-    tau(nu) = sum_t tau_t G(nu; mu_t, sigma_t) (docs/method.md §2), in channel-index units. Each
-    line's
-    opacity on a sub-channel is its exact mean there: the unit-area Gaussian's mass from erf
-    differences, or Simpson's rule on the sub-channel when it is at most sigma/2 (exact to
-    ~1e-5). A line touches only the 2K+1 sub-channels around its centre (docs/method.md §2, Cost).
-    Args: C channels; x, s (b, L) line centre and sigma [channels]; tau_chan (b, L) integrated
-        opacity [channels]; amp (b, C) [K]; simpson: the quadrature.
-    Returns: (b, C) [K].
-    """
-    b, L = x.shape
-    pad = 2 * K + 1  # sub-channels of padding at each end: clipped centres land there
-    Fp = n_sub * C + 2 * pad
-    j0 = np.minimum(np.maximum(np.floor(x * n_sub), -K - 1), n_sub * C + K)  # centre sub-channel
-    scale = 1.0 / (math.sqrt(2.0) * s)  # (b, L): z = (nu - mu) / (sqrt(2) sigma)
-    dz = (scale / n_sub)[..., None]  # sub-channel width in z
-    z0 = ((j0 - x * n_sub) / n_sub * scale)[..., None]  # (b, L, 1)
-    weight = (tau_chan * n_sub)[..., None]  # integrated opacity per sub-channel of unit mass
-    if simpson:  # in place: these arrays are the kernel's largest
-        g_edge = np.multiply(np.arange(-K, K + 2.0), dz)  # (b, L, 2K+2) sub-channel edges
-        tau_bin = np.multiply(np.arange(-K, K + 1.0) + 0.5, dz)  # (b, L, 2K+1) mid-points
-        for g in (g_edge, tau_bin):  # exp(-z^2) there
-            g += z0
-            np.square(g, out=g)
-            np.negative(g, out=g)
-            np.exp(g, out=g)
-        tau_bin *= 4.0
-        tau_bin += g_edge[..., :-1]
-        tau_bin += g_edge[..., 1:]
-        tau_bin *= weight * dz * (1.0 / (6.0 * math.sqrt(math.pi)))  # mean opacity, sub-channel
-    else:
-        z = z0 + np.arange(-K, K + 2) * dz  # (b, L, W+1) sub-channel edges
-        tau_bin = erf(z)
-        tau_bin = weight * 0.5 * (tau_bin[..., 1:] - tau_bin[..., :-1])  # (b, L, W)
-    first = (np.arange(b)[:, None] * Fp + j0.astype(np.int64) + pad - K)[..., None]  # (b, L, 1)
-    flat = first + np.arange(2 * K + 1)
-    tau = np.bincount(flat.ravel(), weights=tau_bin.ravel(), minlength=b * Fp)
-    tau = np.negative(tau.reshape(b, Fp)[:, pad : pad + n_sub * C])  # -tau, (b, n_sub C)
-    np.expm1(tau, out=tau)  # -(1 - exp(-tau))
-    if n_sub == 1:
-        return amp * np.negative(tau, out=tau)
-    if n_sub <= 8:  # a reduction over a short last axis is slow in numpy: add strided slices
-        mean = tau[:, 0::n_sub] + tau[:, 1::n_sub]
-        for j in range(2, n_sub):
-            mean += tau[:, j::n_sub]
-    else:
-        mean = np.add.reduce(tau.reshape(b, C, n_sub), axis=-1)
-    mean *= -1.0 / n_sub  # (b, C) channel mean of 1 - exp(-tau)
-    return amp * mean
 
 
 def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndarray:
@@ -294,7 +204,7 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
     amp = eta * (dJ - (T_bg if T_bg.ndim == 0 else np.broadcast_to(T_bg, f.shape)[idx]))
     n_sub, K, simpson = layout["n_sub"], layout["K"], layout["simpson"]
     if len(P) == 1:  # one row, one group
-        return _average_channels(idx.size, int(n_sub[0]), int(K[0]), x, s_all, tau_all, amp,
+        return average_channels(idx.size, int(n_sub[0]), int(K[0]), x, s_all, tau_all, amp,
                                  bool(simpson[0]))  # fmt: skip
     group = (n_sub.astype(np.int64) << 32) + (K.astype(np.int64) << 1) + simpson
     for g in np.unique(group):
@@ -303,7 +213,7 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
         step = max(1, int(3e5 // (idx.size * n + 4 * (k + 1) * max(cols.size, 1))))
         for a in range(0, len(rows), step):
             r = slice(None) if len(rows) == len(group) <= step else rows[a : a + step]
-            out[r] = _average_channels(idx.size, n, k, x[r], s_all[r], tau_all[r], amp[r], simp)
+            out[r] = average_channels(idx.size, n, k, x[r], s_all[r], tau_all[r], amp[r], simp)
     return out
 
 
