@@ -25,8 +25,8 @@ def _assert_exact(fit, U):
     np.testing.assert_allclose(sparse, dense, rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("loss", ["pm", "chi2"])
-def test_loss_on_touched_channels_equals_dense_on_real_windows(loss, shared_data):
+def _real_windows(shared_data) -> list:
+    """The ten IRAS 16293-2422 B windows of ../shared/data as problem.Window objects."""
     folder = shared_data / "spectra" / "iras16293b"
     wins = []
     with open(folder / "windows.csv") as fh:
@@ -34,6 +34,12 @@ def test_loss_on_touched_channels_equals_dense_on_real_windows(loss, shared_data
             f, T = np.loadtxt(folder / f"spw{row['spw']}.dat", unpack=True)
             wins.append(problem.Window(f, T, float(row["rms_K"]), float(row["T_bg_K"]),
                                        float(row["beam_fwhm_arcsec"])))  # fmt: skip
+    return wins
+
+
+@pytest.mark.parametrize("loss", ["pm", "chi2"])
+def test_loss_on_touched_channels_equals_dense_on_real_windows(loss, shared_data):
+    wins = _real_windows(shared_data)
     mol = lte.load_molecule("CH3OH")
     box = problem.make_box(["CH3OH"])
     fit = problem.Problem(wins[:4], [mol], box, loss=loss, v_lsr_kms=2.7)
@@ -97,13 +103,7 @@ def _n_tot_scan(X, k=0):
 
 
 def test_chi2_on_touched_channels_equals_dense_on_real_windows(shared_data):
-    folder = shared_data / "spectra" / "iras16293b"
-    wins = []
-    with open(folder / "windows.csv") as fh:
-        for row in csv.DictReader(fh):
-            f, T = np.loadtxt(folder / f"spw{row['spw']}.dat", unpack=True)
-            wins.append(problem.Window(f, T, float(row["rms_K"]), float(row["T_bg_K"]),
-                                       float(row["beam_fwhm_arcsec"])))  # fmt: skip
+    wins = _real_windows(shared_data)
     mol = lte.load_molecule("CH3OH")
     box = problem.make_box(["CH3OH"])
     fit = problem.Problem(wins[:4], [mol], box, v_lsr_kms=2.7)
