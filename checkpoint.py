@@ -100,7 +100,7 @@ def log_step(last: dict, net, evals, rand_best, kinds, box, run: Path, loop: dic
         if value > loop["best_score"]:
             loop["best_score"] = float(value)
             model.save_policy(run / "best.pt", net, mcfg)
-    if getattr(cfg, "snap_every", 0) and last["step"] % cfg.snap_every == 0:
+    if cfg.snap_every and last["step"] % cfg.snap_every == 0:
         (run / "snaps").mkdir(exist_ok=True)
         model.save_policy(run / "snaps" / f"step_{last['step']:07d}.pt", net, mcfg)
     last.pop("do_eval", None)

@@ -27,6 +27,7 @@ from catalogs import (  # noqa: F401  (re-exported: lte.load_molecule is the pub
     make_molecule,
     select_lines,
 )
+from losses import runs_of  # the runs of a sorted channel list, as the loss reads them
 from subchannels import (  # noqa: F401  (re-exported: lte.keep_freed_memory)
     N_SIGMA_MAX,
     average_channels,
@@ -178,7 +179,6 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
     idx = np.arange(C) if channels is None else np.asarray(channels, dtype=int)
     if layout["L"] == 0 or idx.size == 0:
         return np.zeros((len(P), idx.size))
-    out = np.zeros((len(P), idx.size))
     lo, hi = _line_reach(layout)  # channels a line touches
     K = layout["K"][:, None]
     touch = (hi >= 0) & (lo <= C - 1)
@@ -188,11 +188,7 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
         x, s_all, tau_all, lo, hi, touch = (a[:, cols] for a in (x, s_all, tau_all, lo, hi, touch))
     if channels is not None:  # move each line by a whole number of channels onto `idx`
         lo = np.minimum(np.maximum(lo, 0), C - 1).astype(int)
-        gap = np.empty(idx.size, dtype=bool)
-        gap[0] = True
-        np.not_equal(idx[1:] - idx[:-1], 1, out=gap[1:])
-        starts = gap.nonzero()[0]  # runs of consecutive channels
-        shift = idx[starts] - starts  # full index - compressed index within each run
+        starts, shift = runs_of(idx)  # runs of consecutive channels and their shifts
         run = np.maximum(idx[starts].searchsorted(lo, side="right") - 1, 0)
         away = ~touch | (hi < idx[0])  # touches nothing: far below the grid
         x = np.where(away, (-1.0 - K) / layout["n_sub"][:, None], x - shift[run])  # away: into
@@ -206,6 +202,7 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
     if len(P) == 1:  # one row, one group
         return average_channels(idx.size, int(n_sub[0]), int(K[0]), x, s_all, tau_all, amp,
                                  bool(simpson[0]))  # fmt: skip
+    out = np.zeros((len(P), idx.size))
     group = (n_sub.astype(np.int64) << 32) + (K.astype(np.int64) << 1) + simpson
     for g in np.unique(group):
         rows = (group == g).nonzero()[0]

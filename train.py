@@ -246,7 +246,8 @@ def main(cfg: Config) -> dict:
             pol_best = rl.update_buffer(buf, batch_states, rep_idx, losses, u_all, l_all, K - n_uni,
                                      cfg)  # fmt: skip
             do_eval = bool(cfg.eval_every and step % cfg.eval_every == 0 and evals)
-            if step % cfg.log_every == 0 or step == cfg.n_steps or do_eval:
+            snap = bool(cfg.snap_every and step % cfg.snap_every == 0)
+            if step % cfg.log_every == 0 or step == cfg.n_steps or do_eval or snap:
                 el = time.time() - t0
                 last = dict(step=step, time_s=round(el, 1), reward=float(-losses.mean()),
                             best_loss=float(pol_best.mean()), adv_abs=float(np.abs(adv).mean()),

@@ -64,6 +64,9 @@ def test_snapshots_every_n_steps_are_policies_of_those_steps(tmp_path):
     ckpt = torch.load(Path(cfg.run_dir) / "ckpt.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(v, ckpt[k]) for k, v in last.state_dict().items())
     assert any(not torch.equal(v, ckpt[k]) for k, v in first.state_dict().items())
+    other = _tiny(tmp_path / "b", n_steps=4, snap_every=2, log_every=3)  # not a multiple
+    train.main(other)
+    assert sorted(p.name for p in (Path(other.run_dir) / "snaps").iterdir()) == snaps
 
 
 def test_resume_continues_from_saved_step(tmp_path):
