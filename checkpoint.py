@@ -62,6 +62,8 @@ def start(cfg, mcfg, run: Path, rng, gen) -> tuple:
                              f"{'160' if has_fine else '0'}")  # fmt: skip
         net.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
+        for group in opt.param_groups:  # --lr applies to the resumed run (Adam's moments kept)
+            group["lr"] = cfg.lr
         buf.load_state_dict(ck["buffer"])
         loop = {k: ck[k] for k in ("step", "next_id", "pool", "best_score")}
         rng.bit_generator.state = json.loads(ck["np_rng"])

@@ -57,7 +57,7 @@ class Config:
     n_steps: int = 300000  # gradient steps (total, counting resumed ones)
     batch_states: int = 16  # states per step
     k_samples: int = 16  # K actions per state
-    lr: float = 3e-4  # Adam learning rate
+    lr: float = 3e-4  # Adam learning rate (also on --resume: lower it to settle a plateau)
     grad_clip: float = 1.0  # max gradient norm
     ent_coef: float = 0.03  # entropy bonus weight, 0 = off
     shaping: str = "rank"  # reward shaping before standardisation: rank (utilities) or raw

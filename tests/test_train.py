@@ -77,6 +77,14 @@ def test_resume_continues_from_saved_step(tmp_path):
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 5
 
 
+def test_resume_takes_the_learning_rate_of_the_command_line(tmp_path):
+    """--lr on --resume replaces the saved optimiser's rate (a lower rate for a plateau)."""
+    train.main(_tiny(tmp_path, n_steps=2))
+    train.main(_tiny(tmp_path, n_steps=3, resume=True, lr=1e-5))
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert [g["lr"] for g in ck["optimizer"]["param_groups"]] == [1e-5]
+
+
 def test_a_stop_request_checkpoints_at_the_step_boundary(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "STOP", threading.Event())
     train.STOP.set()  # as SIGTERM or Ctrl-C does on the command line
