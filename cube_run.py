@@ -98,10 +98,11 @@ def pixel_rms(S: dict, y: int, x: int, spec: np.ndarray) -> float:
     return S["rms"][y, x] if S["rms"] is not None else spectuner.estimate_rms(spec[ok])
 
 
-def fit_pixel(S: dict, y: int, x: int, starts=None) -> dict:
+def fit_pixel(S: dict, y: int, x: int, starts=None, override=None) -> dict:
     """Noise, selection and fit of pixel (y, x); a fit that raises becomes status 5.
 
     starts: the network's starts for this pixel (nn methods), drawn in the parent in batches.
+    override: fit_spectrum options replacing the run's for this pixel (cube_passes.py: pass 2).
     """
     n_par = 5 * len(S["mols"])
     nan = np.full(n_par, np.nan)
@@ -123,8 +124,9 @@ def fit_pixel(S: dict, y: int, x: int, starts=None) -> dict:
         return rec | dict(code=4, reason=f"{rec['n_peaks']} peaks")
     seed = pixel_seed(S, y, x)
     try:
+        kw = S["fit_kwargs"] | (override or {})
         res = spectuner.fit_spectrum(pixel_windows(S, y, x, rec["rms"]), S["mols"], seed=seed,
-                                     starts=starts, **S["fit_kwargs"])  # fmt: skip
+                                     starts=starts, **kw)  # fmt: skip
     except Exception as err:  # recorded per pixel and counted; the run goes on
         names = [m.name for m in S["mols"]]
         reason = f"{type(err).__name__}: {err} [pixel (y, x)=({y}, {x}) mol={names} seed={seed}]"

@@ -19,9 +19,10 @@ from astropy.io import fits
 
 RESUME_KEYS = tuple(  # options a resumed run must share with the run it continues
     "mol catalog method policy loss n_init n_refine bounds fix v_lsr dish_m continuum rms bunit "
-    "min_peaks peak_snr min_channels seed maxiter".split()
+    "min_peaks peak_snr min_channels seed maxiter neighbours".split()
 )
-LATER_KEYS = {"maxiter": 100}  # options added since: a run.json without them used this default
+LATER_KEYS = {"maxiter": 100, "neighbours": False}  # options added since: a run.json without
+# them used this default
 
 
 # --- chunks on disk: whole chunks survive Ctrl-C or a crash, --resume reads them back ---

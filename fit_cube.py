@@ -52,12 +52,8 @@ from cube_io import (  # noqa: F401  (re-exported: fit_cube.read_cube, fit_cube.
     systemic_velocity,
 )
 from cube_maps import assemble, quicklook_figure, run_info, write_outputs  # noqa: F401
-from cube_run import (  # noqa: F401  (re-exported: fit_cube.pixel_rms)
-    pixel_rms,
-    plan_batches,
-    resolve_workers,
-    run_pixels,
-)
+from cube_passes import run_passes
+from cube_run import pixel_rms, resolve_workers  # noqa: F401  (re-exported: fit_cube.pixel_rms)
 from cube_store import (  # noqa: F401  (re-exported: fit_cube.REC_KEYS, fit_cube.load_chunks)
     REC_KEYS,
     check_out,
@@ -81,6 +77,8 @@ class Config:
     loss: str = "pm"  # pm (peak matching) or chi2
     n_init: int = 50  # random starts (policy samples for nn methods) per pixel
     n_refine: int = 2  # best distinct starts refined per pixel, best kept (>= 1)
+    neighbours: bool = True  # two passes: a quarter of the pixels, then the rest from their
+    # fitted neighbours with one refinement (cube_passes.py; docs/benchmarks.md §4)
     maxiter: int = 0  # SLSQP iterations per refinement; 0 = 10 with pm (the chi2 refinement
     # then sets the values: same maps, half the CPU; docs/benchmarks.md §4), 100 with chi2
     bounds: list[str] = field(default_factory=list)  # [MOL:]NAME=LO:HI, physical units
@@ -218,7 +216,6 @@ def main(cfg: Config) -> dict:
     # --- resume or start afresh ---
     run_key = start_or_resume(out, cfg)
     is_done, todo = pixels_to_do(selected, load_chunks(out / "chunks"))
-    batches = plan_batches(S, todo, cfg.workers, cfg.method, cfg.policy)
     kind = "dask" if cfg.scheduler else ("pool" if cfg.workers > 1 else "inprocess")
     log(f"pixels={int(selected.sum())} done_before={int(is_done.sum())} todo={len(todo)} "
         f"runner={kind} workers={cfg.workers} mol={cfg.mol} method={cfg.method}")  # fmt: skip
@@ -226,7 +223,7 @@ def main(cfg: Config) -> dict:
     progress = dict(done=0, failed=0, first_failure="", t_start=t_start, t_fit=time.time())
     complete = False
     try:
-        run_pixels(S, batches, cfg, kind, len(todo), out, log, progress)
+        run_passes(S, todo, cfg, kind, out, log, progress)  # cube_passes.py
         complete = True
     finally:
         # --- save ---

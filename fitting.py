@@ -21,7 +21,7 @@ import numpy as np
 import lte
 from losses import LOSSES
 from methods import METHODS, network_starts, resolve_method
-from problem import PARAM_NAMES, Problem, Window, make_box
+from problem import PARAM_NAMES, Problem, Window, make_box, to_unit
 from uncertainty import detect_and_limit, physical_errors, polish_pm, thin_remarks
 
 
@@ -42,6 +42,7 @@ def fit_spectrum(
     chi2_refine: bool = True,
     n_refine: int = 1,
     maxiter: int = 100,
+    extra_starts=None,
 ) -> dict:
     """Fit k molecules jointly (5 LTE parameters each) to the windows (§3, §4, §7).
 
@@ -65,6 +66,9 @@ def fit_spectrum(
         n_refine: the best n_refine distinct starts (more than 0.05 apart in the unit cube)
             are refined and the best result kept; their runs are in nfev. The command line's
             default is 2 (docs/benchmarks.md §8); 1 here keeps library calls as before.
+        extra_starts: (m, 5 k) physical parameter sets evaluated beside the method's own
+            starts and refined like them (taking turns, see n_refine), e.g. the fits of a cube
+            pixel's neighbours (cube_passes.py); not used by the pso methods. None = none.
         maxiter: SLSQP iterations per refinement. When the chi2 refinement then sets the values,
             a refinement stopped by this limit is not a failure (status stays "ok").
 
@@ -97,6 +101,12 @@ def fit_spectrum(
     method, kw, fallback = network_starts(
         method, starts, policy, objective.windows, molecules, box, seed
     )
+    if extra_starts is not None and len(extra_starts):
+        X = np.asarray(extra_starts, dtype=float)
+        if X.ndim != 2 or X.shape[1] != 5 * len(names) or not np.isfinite(X).all():
+            raise ValueError(f"extra_starts: expected finite (m, {5 * len(names)}) physical "
+                             f"parameter sets, got shape {X.shape}")  # fmt: skip
+        kw["extra"] = to_unit(X, box)
     u, best, nfev, status = METHODS[method](
         objective, n_free, n_init, rng, n_restarts=pso_restarts, n_refine=n_refine, **kw
     )

@@ -64,15 +64,31 @@ def _refine_distinct(f, U, L, nfev, status, local, n_refine=1, source=None):
     return best[0], best[1], nfev, best[3]
 
 
-def run_random_local(f, n_dim, n_init, rng, n_restarts=1, local=refine_slsqp, n_refine=1):
-    """Best n_refine distinct of n_init uniform starts refined by a local optimiser (§7)."""
+def _with_extra(f, U, L, nfev, source, extra):
+    """The starts U (n, n_dim), losses L, runs nfev and source labels, with `extra` (m, n_dim)
+    unit-cube starts (e.g. the fits of a cube pixel's neighbours, cube_passes.py) evaluated in
+    one call and joined as one more source, so that _refine_distinct takes turns with it."""
+    source = np.zeros(len(L), int) if source is None else np.asarray(source)
+    if extra is None or len(extra) == 0:
+        return U, L, nfev, source
+    E = np.clip(np.asarray(extra, dtype=float), 0.0, 1.0)
+    return (np.vstack([U, E]), np.concatenate([L, f(E)]), nfev + len(E),
+            np.concatenate([source, np.full(len(E), source.max() + 1)]))  # fmt: skip
+
+
+def run_random_local(f, n_dim, n_init, rng, n_restarts=1, local=refine_slsqp, n_refine=1,
+                     extra=None):  # fmt: skip
+    """Best n_refine distinct of n_init uniform starts (and the `extra` starts, _with_extra)
+    refined by a local optimiser (§7)."""
     U = rng.random((n_init, n_dim))
-    return _refine_distinct(f, U, f(U), n_init, "ok", local, n_refine)
+    U, L, nfev, source = _with_extra(f, U, f(U), n_init, None, extra)
+    return _refine_distinct(f, U, L, nfev, "ok", local, n_refine, source)
 
 
-def run_pso(f, n_dim, n_init, rng, n_restarts=1, local=None, n_refine=1):
-    """Best of n_restarts independent particle swarms (§7; n_init is unused), then, if `local`
-    is given (ours: pso+slsqp), a local polish from the best n_refine distinct swarm results.
+def run_pso(f, n_dim, n_init, rng, n_restarts=1, local=None, n_refine=1, extra=None):
+    """Best of n_restarts independent particle swarms (§7; n_init and extra are unused), then,
+    if `local` is given (ours: pso+slsqp), a local polish from the best n_refine distinct swarm
+    results.
 
     The swarm's stopping rule (15 cycles under 1e-5 relative gain) often fires while the best
     particle still lies on the floor of a long valley (eta-N_tot-T_ex of thin or broad lines),
@@ -93,15 +109,17 @@ def _stack_starts(f):
     return U, L, f.nfev - nfev0
 
 
-def run_stack(f, n_dim, n_init, rng, n_restarts=1, local=None, n_refine=1):
+def run_stack(f, n_dim, n_init, rng, n_restarts=1, local=None, n_refine=1, extra=None):
     """Velocity-stacking starts (stack.py: one matched filter per (T_ex, FWHM) template, a
-    handful of model runs; n_init is unused), the best n_refine distinct refined by `local`."""
+    handful of model runs; n_init is unused) and the `extra` starts (_with_extra), the best
+    n_refine distinct refined by `local`."""
     U, L, nfev = _stack_starts(f)
-    return _refine_distinct(f, U, L, nfev, "ok", local, n_refine)
+    U, L, nfev, source = _with_extra(f, U, L, nfev, None, extra)
+    return _refine_distinct(f, U, L, nfev, "ok", local, n_refine, source)
 
 
 def run_policy(f, n_dim, n_init, rng, n_restarts=1, local=None, propose=None, with_stack=False,
-               n_refine=1):  # fmt: skip
+               n_refine=1, extra=None):  # fmt: skip
     """Best of n_init policy samples, refined by `local` if given (§7: nn, nn+slsqp, ...).
 
     propose(n) -> (n, n_dim) unit-cube starts from the network (see policy_sampler). With
@@ -116,6 +134,7 @@ def run_policy(f, n_dim, n_init, rng, n_restarts=1, local=None, propose=None, wi
         U_s, L_s, nfev_s = _stack_starts(f)
         U, L, nfev = np.vstack([U, U_s]), np.concatenate([L, L_s]), nfev + nfev_s
         source = np.concatenate([source, np.ones(len(L_s), int)])
+    U, L, nfev, source = _with_extra(f, U, L, nfev, source, extra)  # e.g. a cube's neighbours
     return _refine_distinct(f, U, L, nfev, "ok", local, n_refine, source)
 
 

@@ -366,11 +366,28 @@ def test_joint_fit_of_two_molecules_with_a_single_dish(ch3oh):
         (dict(method="bfgs"), "method 'bfgs'"),
         (dict(loss="l1"), "loss 'l1'"),
         (dict(fix=dict(zip(st.PARAM_NAMES, [0.5, 100, 1e15, 1, 0]))), "every parameter is fixed"),
+        (dict(extra_starts=np.ones((2, 4))), r"extra_starts: expected finite \(m, 5\)"),
+        (dict(extra_starts=np.full((1, 5), np.nan)), "extra_starts"),
     ],
 )
 def test_fit_spectrum_rejects_bad_arguments(ch3oh, kw, match):
     with pytest.raises(ValueError, match=match):
         st.fit_spectrum(synthetic(ch3oh, CASES["thick"]), [ch3oh], **kw)
+
+
+def test_extra_starts_are_evaluated_counted_and_refined_when_best(ch3oh):
+    """extra_starts (a cube pixel's fitted neighbours) join the starts: the truth given as one
+    reaches the truth's basin from 3 random starts that alone do not."""
+    truth = [0.6, 150.0, 3e16, 1.0, 0.3]
+    windows = synthetic(ch3oh, truth)
+    kw = dict(method="random+slsqp", loss="pm", n_init=3, seed=3, chi2_refine=False)
+    alone = st.fit_spectrum(windows, [ch3oh], **kw)
+    helped = st.fit_spectrum(windows, [ch3oh], extra_starts=np.array([truth, truth]), **kw)
+    at_truth = st.fit_spectrum(windows, [ch3oh], fix=dict(zip(st.PARAM_NAMES[:4], truth[:4])),
+                               bounds={"v_off": (0.29, 0.31)}, **kw)  # fmt: skip
+    assert helped["loss"] <= at_truth["loss"] + 1e-6 * abs(at_truth["loss"])
+    assert alone["loss"] > helped["loss"] + 0.05 * abs(helped["loss"])
+    assert abs(helped["params"]["CH3OH"]["v_off"] - 0.3) < 0.05
 
 
 def test_nn_methods_need_a_policy_file_and_auto_falls_back(ch3oh, tmp_path):
