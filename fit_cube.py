@@ -204,7 +204,7 @@ def main(cfg: Config) -> dict:
     # --- model: molecules, fit options ---
     mols, bounds, fix = load_molecules(cfg, cube)
     fit_kwargs = dict(method=cfg.method, loss=cfg.loss, n_init=cfg.n_init, n_refine=cfg.n_refine,
-                      maxiter=cfg.maxiter,
+                      maxiter=cfg.maxiter, limits=False,  # dchi2 only: the limit maps are below
                       bounds=bounds, fix=fix, v_lsr_kms=v_lsr, dish_m=cfg.dish_m or None,
                       policy=cfg.policy or None)  # fmt: skip
     beams = cube["beam_arcsec"]

@@ -43,6 +43,7 @@ def fit_spectrum(
     n_refine: int = 1,
     maxiter: int = 100,
     extra_starts=None,
+    limits: bool = True,
 ) -> dict:
     """Fit k molecules jointly (5 LTE parameters each) to the windows (§3, §4, §7).
 
@@ -69,6 +70,8 @@ def fit_spectrum(
         extra_starts: (m, 5 k) physical parameter sets evaluated beside the method's own
             starts and refined like them (taking turns, see n_refine), e.g. the fits of a cube
             pixel's neighbours (cube_passes.py); not used by the pso methods. None = none.
+        limits: False for the detection test without the N_tot upper limit (detect_and_limit's
+            limit=False: a cube pixel, whose limit map is made from a reference shape).
         maxiter: SLSQP iterations per refinement. When the chi2 refinement then sets the values,
             a refinement stopped by this limit is not a failure (status stays "ok").
 
@@ -138,7 +141,7 @@ def fit_spectrum(
                               if i // 5 == k} for k, m in enumerate(names)}  # fmt: skip
     result["chi2_refine"] = polish
     result["detection"] = {
-        m: detect_and_limit(objective.resid_x, X, k, box, chi2_x=objective.chi2_x)
+        m: detect_and_limit(objective.resid_x, X, k, box, chi2_x=objective.chi2_x, limit=limits)
         for k, m in enumerate(names)
     }
     if dish_m:

@@ -212,7 +212,7 @@ def noise_residuals(windows, molecules, X, v_lsr_kms: float = 0.0, dish_m=None) 
 
 def detect_and_limit(resid_x, X: np.ndarray, k: int, box: dict, n_sigma: float = LIMIT_SIGMA,
                      dchi2_min: float = DETECT_DCHI2, step_dex: float = 0.1,
-                     chi2_x=None) -> dict:  # fmt: skip
+                     chi2_x=None, limit: bool = True, near_dex: float = 1.0) -> dict:  # fmt: skip
     """Detection test and upper limit of molecule k's N_tot along its chi2 profile.
 
     chi2(N) = sum_c resid_x(X with N_tot,k = N)_c^2, the other parameters held at X (fixed,
@@ -229,6 +229,10 @@ def detect_and_limit(resid_x, X: np.ndarray, k: int, box: dict, n_sigma: float =
         X: (5 k,) physical parameters, e.g. the fit. box: make_box's box (N_tot range).
         chi2_x: X (B, 5 k) -> (B,) the sum of squares of resid_x, e.g. Problem.chi2_x (the
             touched channels only); None = from resid_x.
+        limit: False for the detection test alone (a cube pixel, whose limit map is made
+            elsewhere): the grid points within near_dex of the fitted N_tot, and the whole
+            grid only where their minimum is at an end of them; the same dchi2 as the whole
+            grid whenever chi2 has one minimum along N_tot. N_tot_upper is then NaN.
 
     Returns:
         dict: dchi2, detected (bool), N_tot_upper (cm^-2; NaN when chi2 never rises by
@@ -244,14 +248,26 @@ def detect_and_limit(resid_x, X: np.ndarray, k: int, box: dict, n_sigma: float =
         XB[:, i] = np.where(np.isfinite(log10_N), 10.0 ** np.asarray(log10_N, float), 0.0)
         return chi2_x(XB) if chi2_x is not None else np.sum(resid_x(XB) ** 2, axis=1)
 
-    chi2_all = chi2(np.concatenate([[-np.inf], grid]))
-    chi2_zero, chi2_grid = chi2_all[0], chi2_all[1:]
-    x_up, chi2_min, nfev = profile_crossing(chi2, grid, n_sigma**2, chi2_zero, chi2_grid)
+    use = np.ones(grid.size, bool)
+    if not limit:  # the minimum is near the fit: start there
+        use = np.abs(grid - np.log10(max(X[i], 1e-300))) <= near_dex + 1e-9
+    chi2_all = chi2(np.concatenate([[-np.inf], grid[use]]))
+    chi2_zero, chi2_grid = chi2_all[0], np.full(grid.size, np.inf)
+    chi2_grid[use] = chi2_all[1:]
+    j = int(np.argmin(chi2_grid))
+    if not use.all() and (j in (0, grid.size - 1) or not (use[j - 1] and use[j + 1])):
+        chi2_grid[~use] = chi2(grid[~use])  # the minimum at an end of them: the whole grid
+        use[:] = True
+    if limit:
+        x_up, chi2_min, nfev = profile_crossing(chi2, grid, n_sigma**2, chi2_zero, chi2_grid)
+    else:
+        x_up, chi2_min, nfev = np.nan, min(float(chi2_grid.min()), chi2_zero), 0
     best = float(10 ** grid[np.argmin(chi2_grid)]) if chi2_grid.min() < chi2_zero else 0.0
     held = {p: float(X[5 * k + j]) for j, p in enumerate(PARAM_NAMES) if p != "N_tot"}
+    nfev += int(use.sum()) + 1
     return dict(dchi2=float(chi2_zero - chi2_min), detected=bool(chi2_zero - chi2_min >= dchi2_min),
                 N_tot_upper=float(10**x_up) if np.isfinite(x_up) else float("nan"),
-                N_tot_best=best, n_sigma=n_sigma, held=held, nfev=nfev + grid.size + 1)  # fmt: skip
+                N_tot_best=best, n_sigma=n_sigma, held=held, nfev=nfev)  # fmt: skip
 
 
 def limit_text(mol: str, det: dict) -> str:

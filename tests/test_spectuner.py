@@ -705,6 +705,30 @@ def test_noise_only_gives_an_upper_limit_that_scales_with_the_noise(ch3oh):
         assert not det["detected"] and det["N_tot_upper"] > weak
 
 
+def test_detection_alone_gives_the_dchi2_of_the_whole_scan(ch3oh):
+    """detect_and_limit(limit=False) (cube pixels) scans N_tot near the given parameters and
+    gives the same dchi2 (to round-off) and N_tot_best as the whole grid, on bright, weak and
+    noise-only spectra, at the truth (where a fit lands) with a fraction of the model runs,
+    and far from it (random, N_tot 1e19) by widening to the whole grid; N_tot_upper is NaN."""
+    weak = [0.9, 10.0, 3e12, 0.5, 0.0]
+    cases = [(synthetic(ch3oh, CASES[n], seed=i), CASES[n]) for i, n in enumerate(CASES)]
+    cases += [(synthetic_at(ch3oh, weak, 0.1, 7), weak), (noise_only(ch3oh, 0.1, 1), weak)]
+    box, runs = st.make_box(["CH3OH"]), np.zeros(2)
+    for i, (windows, truth) in enumerate(cases):
+        f = st.Problem(windows, [ch3oh], box, "chi2")
+        far = st.to_physical(np.random.default_rng(i).random(5), box)[0]
+        for X in (np.array(truth, float), far, np.array([0.5, 150.0, 1e19, 2.0, 1.0])):
+            full = st.detect_and_limit(f.resid_x, X, 0, box, chi2_x=f.chi2_x)
+            near = st.detect_and_limit(f.resid_x, X, 0, box, chi2_x=f.chi2_x, limit=False)
+            # the same to round-off: the channels summed are those the batch's rows reach
+            assert near["dchi2"] == pytest.approx(full["dchi2"], rel=1e-12, abs=1e-9)
+            assert near["N_tot_best"] == full["N_tot_best"]
+            assert np.isnan(near["N_tot_upper"]) and near["nfev"] <= full["nfev"]
+            if X is not far and X[2] < 1e19:
+                runs += np.array([near["nfev"], full["nfev"]])
+    assert runs[0] < 0.25 * runs[1]  # near the truth: 21 grid points of 161
+
+
 def synthetic_at(mol, params, rms, seed):
     """The two windows of `synthetic` with noise of rms K (not a peak S/N)."""
     grids = [np.arange(241700, 241900, 0.15), np.arange(96700, 96780, 0.06)]
