@@ -75,11 +75,6 @@ def _check_params(params) -> None:
             raise ValueError(f"{PARAM_NAMES[k]}={value} out of range; expected {lo[k]} to {hi[k]}")
 
 
-def _all_finite(a: np.ndarray) -> bool:
-    """np.isfinite(a).all() of a 1-D array; a finite sum of squares (one BLAS call) says so."""
-    return math.isfinite(a @ a) or bool(np.isfinite(a).all())
-
-
 def _channel_edges(freq_MHz: np.ndarray) -> np.ndarray:
     """Edges (C+1,) of channels with centres freq_MHz (C,) ascending: midpoints, ends mirrored."""
     if freq_MHz.size == 1:
@@ -273,7 +268,7 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
     """
     params = np.asarray(params, dtype=float)
     freq = np.asarray(freq_MHz, dtype=float)
-    if freq.ndim != 1 or freq.size == 0 or not _all_finite(freq):
+    if freq.ndim != 1 or freq.size == 0 or not np.isfinite(freq).all():
         raise ValueError(f"freq_MHz must be a non-empty 1-D finite array, got shape {freq.shape}")
     _check_params(params)
     flip = freq[-1] < freq[0]
