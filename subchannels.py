@@ -92,15 +92,17 @@ def average_channels(C, n_sub, K, x, s, tau_chan, amp, simpson):
     dz = (scale / n_sub)[..., None]  # sub-channel width in z
     z0 = ((j0 - x * n_sub) / n_sub * scale)[..., None]  # (b, L, 1)
     weight = (tau_chan * n_sub)[..., None]  # integrated opacity per sub-channel of unit mass
-    if simpson:  # in place: this array is the kernel's largest
-        g = np.multiply(np.arange(-K, K + 1.5, 0.5), dz)  # (b, L, 4K+3) edges and mid-points
-        g += z0
-        np.square(g, out=g)
-        np.negative(g, out=g)
-        np.exp(g, out=g)  # exp(-z^2)
-        tau_bin = g[..., 1::2] * 4.0  # the mid-points, (b, L, 2K+1)
-        tau_bin += g[..., :-1:2]
-        tau_bin += g[..., 2::2]
+    if simpson:  # in place: these arrays are the kernel's largest
+        g_edge = np.multiply(np.arange(-K, K + 2.0), dz)  # (b, L, 2K+2) sub-channel edges
+        tau_bin = np.multiply(np.arange(-K, K + 1.0) + 0.5, dz)  # (b, L, 2K+1) mid-points
+        for g in (g_edge, tau_bin):  # exp(-z^2) there
+            g += z0
+            np.square(g, out=g)
+            np.negative(g, out=g)
+            np.exp(g, out=g)
+        tau_bin *= 4.0
+        tau_bin += g_edge[..., :-1]
+        tau_bin += g_edge[..., 1:]
         tau_bin *= weight * dz * (-1.0 / (6.0 * math.sqrt(math.pi)))  # -mean opacity there
     else:
         z = z0 + np.arange(-K, K + 2) * dz  # (b, L, W+1) sub-channel edges
