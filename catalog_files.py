@@ -60,7 +60,7 @@ def log10_partition(xp, T_K, table_T_K, table_log10_Q):
         log10 Q with the shape of T_K.
     """
     x_tab = xp.log10(table_T_K)
-    if isinstance(T_K, float):  # one temperature (or np.float64): the same operations on floats
+    if xp is np and isinstance(T_K, float):  # one temperature (a float or np.float64): floats
         x = float(np.log10(T_K))
         i = min(max(int(x_tab.searchsorted(x)) - 1, 0), len(x_tab) - 2)
         (x0, x1), (q0, q1) = x_tab[i : i + 2].tolist(), table_log10_Q[i : i + 2].tolist()
