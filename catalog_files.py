@@ -60,6 +60,11 @@ def log10_partition(xp, T_K, table_T_K, table_log10_Q):
         log10 Q with the shape of T_K.
     """
     x_tab = xp.log10(table_T_K)
+    if xp is np and isinstance(T_K, float):  # one temperature (a float or np.float64): floats
+        x = float(np.log10(T_K))
+        i = min(max(int(x_tab.searchsorted(x)) - 1, 0), len(x_tab) - 2)
+        (x0, x1), (q0, q1) = x_tab[i : i + 2].tolist(), table_log10_Q[i : i + 2].tolist()
+        return q0 + (q1 - q0) / (x1 - x0) * (x - x0)
     x = xp.log10(T_K)
     i = xp.searchsorted(x_tab, x) - 1
     i = np.minimum(np.maximum(i, 0), len(x_tab) - 2) if xp is np else xp.clip(i, 0, len(x_tab) - 2)

@@ -74,8 +74,7 @@ class Config:
 
 def select_lines(mol: Molecule, freq_min_MHz: float, freq_max_MHz: float) -> Molecule:
     """The lines of `mol` with rest frequency in [freq_min_MHz, freq_max_MHz] (a new Molecule)."""
-    i0, i1 = np.searchsorted(mol.freq_MHz, [freq_min_MHz, freq_max_MHz])
-    cut = slice(int(i0), int(i1))
+    cut = slice(*mol.freq_MHz.searchsorted((freq_min_MHz, freq_max_MHz)).tolist())
     return Molecule(mol.name, mol.freq_MHz[cut], mol.A_s[cut], mol.g_u[cut], mol.E_low_K[cut],
                     mol.E_up_K[cut], mol.Q_T_K, mol.log10_Q, mol.source)  # fmt: skip
 

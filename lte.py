@@ -54,6 +54,7 @@ def planck_J_K(xp, freq_MHz, T_K):
 
 
 _LIMITS = np.array([(0.0, 1.0), (1e-3, 1e5), (0.0, 1e30), (1e-4, 1e4), (-C_KMS / 2, C_KMS / 2)])
+_LIMITS_LIST = _LIMITS.tolist()
 
 
 def _check_params(params) -> None:
@@ -61,6 +62,8 @@ def _check_params(params) -> None:
     p = np.asarray(params, dtype=float)
     if p.ndim == 0 or p.shape[-1] != 5:
         raise ValueError(f"params must have shape (..., 5) {PARAM_NAMES}, got {p.shape}")
+    if p.size == 5 and all(a <= v <= b for v, (a, b) in zip(p.ravel().tolist(), _LIMITS_LIST)):
+        return  # one set, in python floats (False for NaN)
     lo, hi = _LIMITS[:, 0], _LIMITS[:, 1]
     if (p >= lo).all() and (p <= hi).all():  # also False for NaN: every good case in 2 tests
         return
@@ -76,8 +79,11 @@ def _channel_edges(freq_MHz: np.ndarray) -> np.ndarray:
     """Edges (C+1,) of channels with centres freq_MHz (C,) ascending: midpoints, ends mirrored."""
     if freq_MHz.size == 1:
         raise ValueError("a window needs at least 2 channels to define the channel width")
-    mid = 0.5 * (freq_MHz[1:] + freq_MHz[:-1])
-    return np.concatenate([[2 * freq_MHz[0] - mid[0]], mid, [2 * freq_MHz[-1] - mid[-1]]])
+    edges = np.empty(freq_MHz.size + 1)
+    mid = np.add(freq_MHz[1:], freq_MHz[:-1], out=edges[1:-1])
+    mid *= 0.5
+    edges[0], edges[-1] = 2 * freq_MHz[0] - mid[0], 2 * freq_MHz[-1] - mid[-1]
+    return edges
 
 
 def reach_kms(v_off_max_kms: float, fwhm_max_kms: float) -> float:
@@ -87,11 +93,11 @@ def reach_kms(v_off_max_kms: float, fwhm_max_kms: float) -> float:
 
 
 def _integrated_tau(lines: Molecule, T_ex, N):
-    """tau_t [MHz] of each line (see `spectrum`), T_ex and N (B, 1) -> (B, L)."""
+    """tau_t [MHz] of each line (see `spectrum`), T_ex and N (B, 1) -> (B, L), or floats -> (L,)."""
     nu, A, gu, El = lines.freq_MHz, lines.A_s, lines.g_u, lines.E_low_K
-    log10_Q = log10_partition(np, T_ex, lines.Q_T_K, lines.log10_Q)
+    Q = np.power(10.0, log10_partition(np, T_ex, lines.Q_T_K, lines.log10_Q))
     boltz = np.exp(-El / T_ex) * -np.expm1(-H_OVER_K_K_PER_MHZ * nu / T_ex)
-    return C2_OVER_8PI * N * A * gu * boltz / (10.0**log10_Q * nu**2)
+    return C2_OVER_8PI * N * A * gu * boltz / (Q * nu**2)
 
 
 def line_layout(freq_MHz, mol: Molecule, params) -> dict:
@@ -99,44 +105,54 @@ def line_layout(freq_MHz, mol: Molecule, params) -> dict:
 
     The first half of `spectrum`: integrated opacity tau_t, centre mu_t and width sigma_t of
     each line (docs/method.md §2), in channel-index units of the window sorted ascending (channel i
-    spans [i, i+1)), and the sub-channel plan of each row.
+    spans [i, i+1)), the sub-channel plan of each row, and the channels each line reaches.
 
     Args:
         freq_MHz: (C,) rest-frame channel centres, ascending (C >= 2).
         mol: the molecule; params: (B, 5) as in `spectrum`.
     Returns:
         dict: f (C,) centres, P (B, 5), x, s, tau (B, L) line centre, sigma and integrated
-        opacity [channels], n_sub, K (B,) ints, simpson (B,) bool; L = 0 when no line reaches.
+        opacity [channels] of the L lines that reach the window in some row (L = 0: none),
+        n_sub, K (B,) ints, simpson (B,) bool; reach: the first and last channel (B, L) of the
+        2K+1 sub-channels around each line's centre, unclipped (what
+        subchannels.average_channels touches), and touch (B, L): whether they meet the window.
     """
     f = np.asarray(freq_MHz, dtype=float)
     P = np.asarray(params, dtype=float)
     edges = _channel_edges(f)
-    f0 = edges[0]  # centres enter as offsets from f0, which keeps sub-kHz precision
-    reach = reach_kms(np.abs(P[:, 4]).max(), P[:, 3].max())
+    f0, C = edges[0], f.size  # centres enter as offsets from f0, which keeps sub-kHz precision
+    if len(P) == 1:  # one row: python floats, the same operations as on (1, 1) arrays
+        eta, T_ex, N, fwhm, v_off = P[0].tolist()
+        reach = reach_kms(abs(v_off), fwhm)
+    else:
+        eta, T_ex, N, fwhm, v_off = (P[:, k : k + 1] for k in range(5))  # each (B, 1)
+        reach = reach_kms(np.abs(v_off).max(), fwhm.max())
     lines = select_lines(mol, f0 * (1 - reach / C_KMS), edges[-1] * (1 + reach / C_KMS))
     nu = lines.freq_MHz
-    eta, T_ex, N, fwhm, v_off = (P[:, k : k + 1] for k in range(5))  # each (B, 1)
     tau_int = _integrated_tau(lines, T_ex, N)  # (B, L) [MHz]
     mu = (nu - f0) - nu * v_off / C_KMS  # mu_t - f0 = nu_t (1 - v_off/c) - f0, (B, L) [MHz]
     sigma = fwhm / FWHM_PER_SIGMA * (nu / C_KMS) * (1.0 - v_off / C_KMS)  # (B, L) [MHz]
-    i = np.minimum(np.maximum(edges.searchsorted(mu + f0) - 1, 0), f.size - 1)  # its channel
+    i = np.minimum(np.maximum(edges.searchsorted(mu + f0) - 1, 0), C - 1)  # its channel
     e_i = edges[i]
     w = edges[i + 1] - e_i  # channel width
     x = i + (mu - (e_i - f0)) / w  # (B, L) centre in channel-index units
     s, tau = sigma / w, tau_int / w  # [channels]
-    out = dict(f=f, P=P, x=x, s=s, tau=tau, L=nu.size)
-    if nu.size:
-        out["n_sub"], out["K"], out["simpson"] = plan(s, tau / (math.sqrt(2 * math.pi) * s))
-        n, K = out["n_sub"][:, None], out["K"][:, None]
-        j0 = np.floor(x * n)  # centre sub-channel, (B, L)
-        out["reach"] = (np.floor_divide(j0 - K, n), np.floor_divide(j0 + K, n))
+    if len(P) == 1:
+        x, s, tau = x[None], s[None], tau[None]
+    out = dict(f=f, P=P, x=x, s=s, tau=tau, L=0)
+    if nu.size == 0:
+        return out
+    n_sub, K, simpson = plan(s, tau / (math.sqrt(2 * math.pi) * s))
+    n, k = (int(n_sub[0]), int(K[0])) if len(P) == 1 else (n_sub[:, None], K[:, None])
+    j0 = np.floor(x * n)  # centre sub-channel, (B, L)
+    lo, hi = np.floor_divide(j0 - k, n), np.floor_divide(j0 + k, n)
+    touch = (hi >= 0) & (lo <= C - 1)
+    cols = (touch[0] if len(P) == 1 else np.logical_or.reduce(touch, axis=0)).nonzero()[0]
+    if cols.size < nu.size:  # lines that reach no row's window: left out
+        x, s, tau, lo, hi, touch = (a[:, cols] for a in (x, s, tau, lo, hi, touch))
+    out.update(x=x, s=s, tau=tau, L=cols.size, n_sub=n_sub, K=K, simpson=simpson)
+    out.update(reach=(lo, hi), touch=touch)
     return out
-
-
-def _line_reach(layout: dict) -> tuple[np.ndarray, np.ndarray]:
-    """First and last channel (B, L) of the 2K+1 sub-channels around each line's centre,
-    unclipped: what subchannels.average_channels touches (computed by line_layout)."""
-    return layout["reach"]
 
 
 def touched_channels(layout: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -144,10 +160,11 @@ def touched_channels(layout: dict) -> tuple[np.ndarray, np.ndarray]:
     that touch the window at all: (lo, hi) flat int arrays. Outside them the model is 0."""
     if layout["L"] == 0:
         return np.empty(0, dtype=int), np.empty(0, dtype=int)
+    lo, hi = layout["reach"]
+    if len(lo) > 1:  # a line can touch the window in some rows only
+        lo, hi = lo[layout["touch"]], hi[layout["touch"]]
     C = layout["f"].size
-    lo, hi = _line_reach(layout)
-    keep = (hi >= 0) & (lo <= C - 1)
-    return np.maximum(lo[keep], 0).astype(int), np.minimum(hi[keep], C - 1).astype(int)
+    return np.maximum(lo, 0).astype(int).ravel(), np.minimum(hi, C - 1).astype(int).ravel()
 
 
 def covering(lo: np.ndarray, hi: np.ndarray, n_chan: int, pad: int = 0) -> np.ndarray:
@@ -155,13 +172,22 @@ def covering(lo: np.ndarray, hi: np.ndarray, n_chan: int, pad: int = 0) -> np.nd
     0..n_chan-1, in O(number of intervals + channels covered)."""
     if lo.size == 0:
         return np.empty(0, dtype=int)
-    order = np.argsort(lo, kind="stable")
+    return _covering_runs(lo, hi, n_chan, pad)[0]
+
+
+def _covering_runs(lo, hi, n_chan, pad=0):
+    """`covering` (n,), and the first channel and shift (channel - position) of each run."""
+    order = lo.argsort(kind="stable")
     lo, hi = np.maximum(lo[order] - pad, 0), np.minimum(hi[order] + pad, n_chan - 1)
     reach = np.maximum.accumulate(hi)
-    new = np.concatenate(([True], lo[1:] > reach[:-1] + 1))  # a gap: a new run starts
-    a, b = lo[new], np.maximum.reduceat(hi, np.flatnonzero(new))
-    size = b - a + 1
-    return np.repeat(a - np.cumsum(size) + size, size) + np.arange(size.sum())
+    new = np.empty(lo.size, dtype=bool)
+    new[0] = True
+    np.greater(lo[1:], reach[:-1] + 1, out=new[1:])  # a gap: a new run starts
+    start = lo[new]
+    size = np.maximum.reduceat(hi, new.nonzero()[0]) - start + 1
+    end = size.cumsum()  # position after each run in the covering
+    shift = start - end + size
+    return shift.repeat(size) + np.arange(end[-1]), start, shift
 
 
 def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndarray:
@@ -175,30 +201,35 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
     Returns:
         (B, C) or (B, n) brightness temperature [K].
     """
+    if channels is None:
+        return _render(layout, T_bg_K, cmb, np.arange(layout["f"].size))
+    idx = np.asarray(channels, dtype=int)
+    starts, shift = runs_of(idx)  # runs of consecutive channels and their shifts
+    return _render(layout, T_bg_K, cmb, idx, (idx[starts], shift))
+
+
+def _render(layout: dict, T_bg_K, cmb: bool, idx: np.ndarray, runs=None) -> np.ndarray:
+    """`render` on the channels idx; runs: None (idx is every channel) or the first channel and
+    shift (channel - position in idx) of each run of consecutive channels in idx."""
     f, P, C = layout["f"], layout["P"], layout["f"].size
-    idx = np.arange(C) if channels is None else np.asarray(channels, dtype=int)
     if layout["L"] == 0 or idx.size == 0:
         return np.zeros((len(P), idx.size))
-    lo, hi = _line_reach(layout)  # channels a line touches
-    K = layout["K"][:, None]
-    touch = (hi >= 0) & (lo <= C - 1)
-    cols = np.logical_or.reduce(touch, axis=0).nonzero()[0]  # lines that reach at all
-    x, s_all, tau_all = layout["x"], layout["s"], layout["tau"]
-    if cols.size < layout["L"]:
-        x, s_all, tau_all, lo, hi, touch = (a[:, cols] for a in (x, s_all, tau_all, lo, hi, touch))
-    if channels is not None:  # move each line by a whole number of channels onto `idx`
-        lo = np.minimum(np.maximum(lo, 0), C - 1).astype(int)
-        starts, shift = runs_of(idx)  # runs of consecutive channels and their shifts
-        run = np.maximum(idx[starts].searchsorted(lo, side="right") - 1, 0)
-        away = ~touch | (hi < idx[0])  # touches nothing: far below the grid
-        x = np.where(away, (-1.0 - K) / layout["n_sub"][:, None], x - shift[run])  # away: into
-        # the padding below channel 0, centred on its sub-channel (no exp underflow there)
-    eta, T_ex = P[:, 0:1], P[:, 1:2]
+    x, n_sub, K, simpson = layout["x"], layout["n_sub"], layout["K"], layout["simpson"]
+    if runs is not None:  # move each line by a whole number of channels onto `idx`
+        lo, hi = layout["reach"]
+        lo = np.maximum(lo, 0) if len(P) == 1 else np.minimum(np.maximum(lo, 0), C - 1)
+        x = x - runs[1][np.maximum(runs[0].searchsorted(lo, side="right") - 1, 0)]
+        if len(P) > 1:  # a line that touches nothing in its row: into the padding below
+            away = ~layout["touch"] | (hi < idx[0])  # channel 0, centred on its sub-channel
+            x = np.where(away, (-1.0 - K[:, None]) / n_sub[:, None], x)  # (no exp underflow)
+    eta, T_ex = P[0, :2].tolist() if len(P) == 1 else (P[:, 0:1], P[:, 1:2])
     f_idx = f[idx]
-    dJ = planck_J_K(np, f_idx, T_ex) - planck_J_K(np, f_idx, T_CMB_K) * cmb  # (B, n)
+    dJ = planck_J_K(np, f_idx, T_ex)  # (B, n)
+    if cmb:
+        dJ -= planck_J_K(np, f_idx, T_CMB_K)
     T_bg = np.asarray(T_bg_K, dtype=float)
     amp = eta * (dJ - (T_bg if T_bg.ndim == 0 else np.broadcast_to(T_bg, f.shape)[idx]))
-    n_sub, K, simpson = layout["n_sub"], layout["K"], layout["simpson"]
+    s_all, tau_all = layout["s"], layout["tau"]
     if len(P) == 1:  # one row, one group
         return average_channels(idx.size, int(n_sub[0]), int(K[0]), x, s_all, tau_all, amp,
                                  bool(simpson[0]))  # fmt: skip
@@ -207,7 +238,7 @@ def render(layout: dict, T_bg_K=0.0, cmb: bool = True, channels=None) -> np.ndar
     for g in np.unique(group):
         rows = (group == g).nonzero()[0]
         n, k, simp = int(n_sub[rows[0]]), int(K[rows[0]]), bool(simpson[rows[0]])
-        step = max(1, int(3e5 // (idx.size * n + 4 * (k + 1) * max(cols.size, 1))))
+        step = max(1, int(3e5 // (idx.size * n + 4 * (k + 1) * max(layout["L"], 1))))
         for a in range(0, len(rows), step):
             r = slice(None) if len(rows) == len(group) <= step else rows[a : a + step]
             out[r] = average_channels(idx.size, n, k, x[r], s_all[r], tau_all[r], amp[r], simp)
@@ -246,9 +277,14 @@ def spectrum(freq_MHz, mol: Molecule, params, T_bg_K=0.0, cmb: bool = True):
         T_bg = np.broadcast_to(T_bg, freq.shape)[::-1] if flip else T_bg
     f = freq[::-1].copy() if flip else freq
     layout = line_layout(f, mol, params.reshape(-1, 5))
-    idx = covering(*touched_channels(layout), f.size)  # the model is 0 on every other channel
     out = np.zeros((len(layout["P"]), f.size))
-    out[:, idx] = render(layout, T_bg, cmb, idx)
+    if layout["L"]:  # the model is 0 on every channel the lines do not reach
+        idx, start, shift = _covering_runs(*touched_channels(layout), f.size)
+        T = _render(layout, T_bg, cmb, idx, (start, shift))
+        if len(T) == 1:
+            out[0][idx] = T[0]  # a 1-D assignment: twice as fast as out[:, idx]
+        else:
+            out[:, idx] = T
     return (out[:, ::-1] if flip else out).reshape(*params.shape[:-1], freq.size)
 
 

@@ -50,6 +50,9 @@ def plan(s_chan, tau_peak, k_per_sigma=4.0, n_sub_max=64):
     """
     tmax = np.maximum.reduce(tau_peak, axis=-1)
     s_min = np.minimum.reduce(s_chan, axis=-1)
+    if tmax.size == 1:  # one row: the same operations on python floats (numpy's log, log1p)
+        return _plan_one(float(tmax[0]), float(s_min[0]), float(s_chan.max()), k_per_sigma,
+                         n_sub_max)  # fmt: skip
     need = k_per_sigma * np.sqrt(1.0 + 2.0 * np.log1p(tmax)) / s_min  # steepness / sigma
     n_sub = np.minimum(np.maximum(np.ceil(need), 1.0), n_sub_max)
     n_sub[tmax < 1e-3] = 1.0
@@ -57,6 +60,16 @@ def plan(s_chan, tau_peak, k_per_sigma=4.0, n_sub_max=64):
     reach = np.minimum(np.sqrt(2.0 * np.log(np.maximum(tmax, 1.0) / 1e-6)), N_SIGMA_MAX)
     K = np.int64(1) << np.frexp(np.ceil(reach * np.maximum.reduce(s_chan, axis=-1) * n_sub))[1]
     return n_sub, K, s_min * n_sub >= 2.0
+
+
+def _plan_one(tmax, s_min, s_max, k_per_sigma, n_sub_max):
+    """`plan` of one row from floats, bit-identical to the batched arrays: (1,) arrays."""
+    need = k_per_sigma * math.sqrt(1.0 + 2.0 * float(np.log1p(tmax))) / s_min
+    n_sub = 1.0 if tmax < 1e-3 else min(max(np.ceil(need), 1.0), n_sub_max)
+    n_sub = 1 << math.frexp(n_sub - 1.0)[1]  # next power of 2
+    reach = min(math.sqrt(2.0 * float(np.log(max(tmax, 1.0) / 1e-6))), N_SIGMA_MAX)
+    K = 1 << math.frexp(np.ceil(reach * s_max * n_sub))[1]
+    return np.array([n_sub]), np.array([K]), np.array([s_min * n_sub >= 2.0])
 
 
 def average_channels(C, n_sub, K, x, s, tau_chan, amp, simpson):
@@ -90,15 +103,17 @@ def average_channels(C, n_sub, K, x, s, tau_chan, amp, simpson):
         tau_bin *= 4.0
         tau_bin += g_edge[..., :-1]
         tau_bin += g_edge[..., 1:]
-        tau_bin *= weight * dz * (1.0 / (6.0 * math.sqrt(math.pi)))  # mean opacity, sub-channel
+        tau_bin *= weight * dz * (-1.0 / (6.0 * math.sqrt(math.pi)))  # -mean opacity there
     else:
         z = z0 + np.arange(-K, K + 2) * dz  # (b, L, W+1) sub-channel edges
         tau_bin = erf(z)
-        tau_bin = weight * 0.5 * (tau_bin[..., 1:] - tau_bin[..., :-1])  # (b, L, W)
-    first = (np.arange(b)[:, None] * Fp + j0.astype(np.int64) + pad - K)[..., None]  # (b, L, 1)
-    flat = first + np.arange(2 * K + 1)
+        tau_bin = weight * -0.5 * (tau_bin[..., 1:] - tau_bin[..., :-1])  # (b, L, W)
+    first = j0.astype(np.int64) + (pad - K)  # (b, L) first sub-channel in the padded row
+    if b > 1:
+        first += np.arange(b)[:, None] * Fp
+    flat = first[..., None] + np.arange(2 * K + 1)
     tau = np.bincount(flat.ravel(), weights=tau_bin.ravel(), minlength=b * Fp)
-    tau = np.negative(tau.reshape(b, Fp)[:, pad : pad + n_sub * C])  # -tau, (b, n_sub C)
+    tau = tau.reshape(b, Fp)[:, pad : pad + n_sub * C]  # -tau, (b, n_sub C)
     np.expm1(tau, out=tau)  # -(1 - exp(-tau))
     if n_sub == 1:
         return amp * np.negative(tau, out=tau)
