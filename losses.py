@@ -11,6 +11,9 @@ problem (problem.py) evaluates the model only where its lines reach. numpy and s
     L2 = losses.pm_on(T_model[:, idx], idx, win, exact_row=None)  # == L where T_model is 0 off idx
 """
 
+import bisect
+import math
+
 import numpy as np
 from scipy.signal import find_peaks, peak_widths
 
@@ -36,19 +39,21 @@ def find_spans(T_K: np.ndarray, rms_K) -> tuple[np.ndarray, np.ndarray, np.ndarr
         peaks (m,) channels of all peaks.
     """
     rms = np.broadcast_to(rms_K, T_K.shape)
-    return _spans(T_K, PEAK_SIGMA * rms, PEAK_SIGMA * np.median(rms))
+    return _merged_spans(T_K, *_peaks(T_K, PEAK_SIGMA * rms, PEAK_SIGMA * np.median(rms)))
 
 
-def _spans(T_K, height, prominence):
-    """find_spans with the height (C,) and prominence thresholds given."""
-    return _merged_spans(T_K, find_peaks(T_K, height=height, prominence=prominence)[0])
+def _peaks(T_K, height, prominence):
+    """(peaks, left, right): find_peaks' peaks and their edges at 25 % of the prominence below
+    the top (peak_widths' left_ips and right_ips, on find_peaks' own prominences)."""
+    peaks, p = find_peaks(T_K, height=height, prominence=prominence)
+    base = (p["prominences"], p["left_bases"], p["right_bases"])
+    return (peaks, *peak_widths(T_K, peaks, rel_height=0.25, prominence_data=base)[2:])
 
 
-def _merged_spans(T_K, peaks):
-    """(spans, tops, peaks) of find_spans for the given peaks of T_K."""
+def _merged_spans(T_K, peaks, left, right):
+    """(spans, tops, peaks) of find_spans for the given peaks of T_K and their edges."""
     if peaks.size == 0:
         return np.empty((0, 2)), np.empty(0, dtype=int), peaks
-    left, right = peak_widths(T_K, peaks, rel_height=0.25)[2:]
     order = np.argsort(left, kind="stable")
     left, right, pk = left[order], right[order], peaks[order]
     reach = np.maximum.accumulate(right)
@@ -133,7 +138,7 @@ def loss_pm(T_model: np.ndarray, T_obs: np.ndarray, rms_K, obs=None) -> np.ndarr
     resid = np.abs(T_obs - T_model)  # (B, C)
     out = np.mean(resid, axis=-1)
     for b, T_m in enumerate(T_model):
-        spans_m, tops_m, _ = _spans(T_m, PEAK_SIGMA * rms, PEAK_SIGMA * np.median(rms))
+        spans_m, tops_m, _ = find_spans(T_m, rms)
         out[b] += _peak_terms(T_m, T_obs, resid[b], PEAK_SIGMA * rms, spans_m, tops_m, obs,
                               0.0, T_obs.size)  # fmt: skip
     return out
@@ -214,21 +219,23 @@ def pm_on(T_model: np.ndarray, idx: np.ndarray, win: dict, exact_row) -> np.ndar
     the dense loss of row b.
     """
     T_obs, rms, C = win["T_obs"][idx], win["rms"][idx], win["T_obs"].size
-    win = dict(win, rms_on=rms)
     floor = PEAK_SIGMA * rms
     resid = np.abs(T_obs - T_model)  # (B, n)
     out = (resid.sum(-1) + win["abs_total"] - np.abs(T_obs).sum()) / C
     rows = np.logical_or.reduce(T_model >= floor, axis=-1).nonzero()[0]  # no 4 rms: no peak
     if rows.size == 0:
         return out
+    if len(T_model) == 1:  # SLSQP's single points: the same numbers with fewer numpy calls
+        return _pm_row(T_model[0], idx, T_obs, floor, resid[0], out, win, exact_row)
     m, n = rows.size, idx.size
     stride = n + 1
     sig = np.empty((m, stride))
     sig[:, :n], sig[:, n] = T_model[rows], T_model[rows].max() + 1.0  # rows, walls
-    height = np.zeros((m, stride))
+    height = np.zeros((m, stride))  # 0 at the walls
     height[:, :n] = floor
-    peaks = find_peaks(sig.ravel(), height=height.ravel(), prominence=win["prominence"])[0]
-    spans, tops, _ = _merged_spans(sig.ravel(), peaks[peaks % stride != n])
+    peaks, left, right = _peaks(sig.ravel(), height.ravel(), win["prominence"])
+    own = peaks % stride != n  # not a wall
+    spans, tops, _ = _merged_spans(sig.ravel(), peaks[own], left[own], right[own])
     if spans.size == 0:
         return out
     r = spans[:, 0].astype(int) // stride  # row (in rows) of each span
@@ -239,8 +246,8 @@ def pm_on(T_model: np.ndarray, idx: np.ndarray, win: dict, exact_row) -> np.ndar
     crossed = np.unique(r[cross]) if cross.any() else np.empty(0, dtype=int)
     Y = np.zeros((3, m, stride))  # T_obs, T_model, |resid| per row, 0 at the walls
     Y[0, :, :n], Y[1, :, :n], Y[2, :, :n] = T_obs, T_model[rows], resid[rows]
-    Y = Y.reshape(3, -1)
-    extra = _peak_terms_rows(Y, spans, local, tops - r * stride, r, shift[run[:, 0]], win, m)
+    tops, shift = tops - r * stride, shift[run[:, 0]]
+    extra = _peak_terms_rows(Y.reshape(3, -1), height.ravel(), spans, local, tops, r, shift, win, m)
     extra[crossed] = 0.0
     out[rows] += extra
     for i in crossed:
@@ -248,11 +255,11 @@ def pm_on(T_model: np.ndarray, idx: np.ndarray, win: dict, exact_row) -> np.ndar
     return out
 
 
-def _peak_terms_rows(Y, spans, local, tops, r, shift, win, m):
+def _peak_terms_rows(Y, floor, spans, local, tops, r, shift, win, m):
     """True- and false-positive terms of pm (§4) of m rows at once: Y (3, m * stride) holds
-    T_obs, T_model and |resid| of each row; spans (n_m, 2) the model spans in that layout,
-    local (n_m, 2) and tops (n_m,) the same within their row, r (n_m,) their row, shift their
-    run's shift to window channels (where the observed spans and peaks live)."""
+    T_obs, T_model and |resid| of each row, floor 4 rms (0 at the walls); spans (n_m, 2) the
+    model spans in that layout, local (n_m, 2) and tops (n_m,) the same within their row, r
+    (n_m,) their row, shift their run's shift to window channels (where obs lives)."""
     spans_o, _, peaks_o = win["obs"]
     C = win["T_obs"].size
     out = np.zeros(m)
@@ -272,14 +279,63 @@ def _peak_terms_rows(Y, spans, local, tops, r, shift, win, m):
         out += np.bincount(r[im], weights=term, minlength=m)
     lonely = np.flatnonzero(~(hi > lo).any(axis=1))
     if lonely.size:  # false positives: model peaks where nothing was observed
-        floor = np.zeros(Y.shape[1])
-        n = Y.shape[1] // m - 1
-        floor.reshape(m, n + 1)[:, :n] = PEAK_SIGMA * win["rms_on"]
         Z = np.maximum(0, Y[1] - np.stack([Y[0], floor]))  # above the data, above 4 rms
         a, c = spans[lonely, 0], spans[lonely, 1]
         excess = _span_means(Z, _cum_trapz(Z), a, c).min(axis=0)
         weight = fp_weights(tops[lonely] + shift[lonely], peaks_o, C)
         out += np.bincount(r[lonely], weights=weight * excess, minlength=m)
+    return out
+
+
+def _pm_row(T_m, idx, T_obs, floor, resid, out, win, exact_row):
+    """pm_on of one model T_m (n,) reaching floor, out (1,) its residual term: spans, overlaps
+    and sums in python floats, in pm_on's order; the span means on pm_on's (n + 1) layout."""
+    peaks, left, right = _peaks(T_m, floor, win["prominence"])  # no wall: the ends stop it
+    peaks, left, right, T_pk = peaks.tolist(), left.tolist(), right.tolist(), T_m[peaks].tolist()
+    spans = []  # [left, right, top channel, top value], in order of left edge (stable)
+    for k in sorted(range(len(peaks)), key=left.__getitem__):
+        if spans and left[k] <= spans[-1][1]:  # merged: the widest reach, the first highest top
+            spans[-1][1] = max(spans[-1][1], right[k])
+            if T_pk[k] > spans[-1][3]:
+                spans[-1][2:] = peaks[k], T_pk[k]
+        else:
+            spans.append([left[k], right[k], peaks[k], T_pk[k]])
+    starts, shift = (v.tolist() for v in runs_of(idx))
+    obs, obs_right = win["obs"][0].tolist(), win["obs"][0][:, 1].tolist()  # disjoint, sorted
+    ends, widths, lone, tops = [], [], [], []  # overlaps; model spans with none
+    for a, c, top, _ in spans:
+        run = bisect.bisect_right(starts, math.floor(a)) - 1
+        if run != bisect.bisect_right(starts, math.floor(c)) - 1:
+            out[0] = exact_row(0)
+            return out
+        d, n_ends = shift[run], len(ends)
+        for o0, o1 in obs[bisect.bisect_right(obs_right, a + d) :]:  # from the first o1 > a + d
+            if o0 >= c + d:
+                break
+            lo, hi = max(o0, a + d), min(o1, c + d)
+            if hi > lo:
+                ends.append((lo - d, hi - d))
+                widths.append((o1 - o0) + c - a)
+        if len(ends) == n_ends:
+            lone.append((a, c))
+            tops.append(top + d)
+    n, k = idx.size, len(ends)
+    Y = np.zeros((5 if lone else 3, n + 1))  # T_obs, T_m, resid; Z: 0 at the end as in pm_on
+    Y[0, :n], Y[1, :n], Y[2, :n] = T_obs, T_m, resid
+    if lone:  # above the data, above 4 rms
+        np.maximum(0, T_m - np.stack([T_obs, floor]), out=Y[3:, :n])
+    a, c = np.array(ends + lone).reshape(-1, 2).T  # none: T_m has no peak
+    means = _span_means(Y, _cum_trapz(Y), a, c)
+    tp = 0.0
+    for a, c, w, o, m, r in zip(*np.array(ends).T.tolist(), widths, *means[:3, :k].tolist()):
+        term = r - 2 * (c - a) / w * o
+        tp += min(term, 0.0) if m < o else term  # blends
+    fp = 0.0
+    if lone:
+        weight = fp_weights(np.array(tops, dtype=float), win["obs"][2], win["T_obs"].size)
+        for v in (weight * means[3:, k:].min(axis=0)).tolist():
+            fp += v
+    out[0] += tp + fp
     return out
 
 
