@@ -17,7 +17,7 @@ maps, with any number of workers. docs/benchmarks.md §4 has what it saves and w
 
 import numpy as np
 
-from cube_run import plan_batches, run_pixels
+from cube_run import plan_batches, run_pixels, task_size
 from cube_store import load_chunks
 
 FITTED = (0, 6)  # record codes with fitted values (6: the optimiser's status was not "ok")
@@ -76,9 +76,8 @@ def run_passes(S: dict, todo: list, cfg, kind: str, out, log, progress: dict) ->
     """Fit the todo pixels in two passes (one with cfg.neighbours False), writing the chunks
     (cube_run.run_pixels). The network's starts of the pass-2 pixels are drawn with pass 1's
     blocks (cube_run.with_network_starts) and kept until pass 2."""
-    first, second = split(S["selected"], todo) if cfg.neighbours else (todo, [])
-    firsts, later = set(first), []
-    size = max(1, min(4, len(todo) // (8 * cfg.workers)))
+    firsts = set(split(S["selected"], todo)[0] if cfg.neighbours else todo)
+    later = []
     batches = plan_batches(S, todo, cfg.workers, cfg.method, cfg.policy)  # a missing policy
     # file raises here, before the first pixel
 
@@ -92,5 +91,6 @@ def run_passes(S: dict, todo: list, cfg, kind: str, out, log, progress: dict) ->
     run_pixels(S, pass_one(), cfg, kind, len(todo), out, log, progress)
     if later:
         log(f"pass 2: {len(later)} pixels, from the fits of their neighbours")
+        size = task_size(len(todo), cfg.workers)
         batches = second_pass(S, later, load_chunks(out / "chunks"), size)
         run_pixels(S, batches, cfg, kind, len(todo), out, log, progress)

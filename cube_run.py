@@ -280,6 +280,11 @@ RUNNERS = {"inprocess": run_inprocess, "pool": run_pool, "dask": run_dask}
 # --- the loop: batches of pixels to the runner, records to the chunks on disk ---
 
 
+def task_size(n_todo: int, workers: int) -> int:
+    """Pixels per task: small, so that Ctrl-C waits for at most 4 fits."""
+    return max(1, min(4, n_todo // (8 * workers)))
+
+
 def plan_batches(S: dict, todo: list, workers: int, method: str, policy: str):
     """Tasks of a few todo pixels each, or for the nn methods a generator of them with the
     network's starts (with_network_starts: the network runs in this process).
@@ -287,7 +292,7 @@ def plan_batches(S: dict, todo: list, workers: int, method: str, policy: str):
     Raises:
         FileNotFoundError: no policy file (said once here, not in every pixel).
     """
-    size = max(1, min(4, len(todo) // (8 * workers)))  # small tasks: Ctrl-C waits <= 4 fits
+    size = task_size(len(todo), workers)
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     if method.startswith("nn") and batches:  # the network runs here, in batches of pixels
         policy = policy or spectuner.DEFAULT_POLICY
